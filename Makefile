@@ -1,0 +1,42 @@
+# kemi-o365. Two commands, on a fresh Debian 12 machine as root:
+#   make run    set up what is missing, then one real seed call through the lab (ladder + verdict)
+#   make test   the same set-up, then lint and the whole test suite
+SHELL := /bin/bash
+# Kamailio embeds Debian's /usr/bin/python3, so the venv must be made from that interpreter.
+SYSTEM_PYTHON := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kemi-o365-installed
+
+.PHONY: setup system venv run test lint unit bench clean
+
+setup: system venv
+
+system:
+	@bash scripts/setup-system.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml | system
+	@if [ ! -x $(PY) ] || [ "$$($(PY) -c 'import sys; print(sys.base_prefix)')" != "/usr" ]; then \
+		echo "setup: creating $(VENV) from $(SYSTEM_PYTHON)"; rm -rf $(VENV); $(SYSTEM_PYTHON) -m venv $(VENV); fi
+	@echo "setup: installing kemi-o365 and its dependencies into $(VENV)"
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[lab,dev]'
+	@touch $(STAMP)
+
+run: setup
+	@$(VENV)/bin/kemi-o365 demo
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+test: setup lint
+	@$(VENV)/bin/pytest
+
+unit: venv
+	@$(VENV)/bin/pytest tests/unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""`kemi-o365`: check a policy, run the SBC, run the lab demo.
+
+Rule: this is the one place that turns exceptions into exit codes and messages for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kemi_o365.launch import RunDir, Stack, StartError
+from kemi_o365.policy.errors import PolicyError
+from kemi_o365.policy.load import load_policy
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    policy = load_policy(args.file)
+    proxies = ", ".join(
+        f"{p.fqdn}:{p.port}" + (f" (pinned {p.address})" if p.address else "")
+        for p in policy.microsoft.proxies
+    )
+    print(f"{args.file}: OK ({policy.microsoft.profile} profile, SBC {policy.sbc.fqdn}, Microsoft {proxies})")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    rundir = Path(args.rundir) if args.rundir else Path(tempfile.mkdtemp(prefix="kemi-o365-run-"))
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with Stack(policy, RunDir(rundir)) as stack:
+        sbc = policy.sbc
+        print(
+            f"kemi-o365 running: CUCM side {sbc.internal.address}:{sbc.internal.port} "
+            f"({'/'.join(sbc.internal.transports)}), Microsoft side tls:{sbc.external.address}:{sbc.external.port} "
+            f"as {sbc.fqdn}; logs in {rundir}. Ctrl-C stops.",
+            flush=True,
+        )
+        while not stop:
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(
+                        f"{name} exited unexpectedly (code {proc.returncode}):\n{stack.log_tail(name)}",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FAILED
+            time.sleep(0.2)
+    print("kemi-o365 stopped: Kamailio and rtpengine are down.")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kemi_o365.lab.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def load_policy_for_certs(path: Path) -> int:
+    """Make the throwaway PKI a lab policy names, so the policy can then be checked and run."""
+    import yaml
+
+    from kemi_o365.lab.certs import make_lab_pki
+
+    # Read only the names: the full check would fail precisely because the files are missing.
+    data = yaml.safe_load(path.read_text())
+    tls = data["sbc"]["tls"]
+    cert = (path.absolute().parent / tls["certificate"]).resolve()
+    ms = data["microsoft"]["proxies"][0]["fqdn"]
+    pki = make_lab_pki(cert.parent, data["sbc"]["fqdn"], ms)
+    print(
+        f"lab PKI in {pki.dir}: CA {pki.ca_cert.name}, SBC {pki.sbc_cert.name}, Microsoft peer {pki.ms_cert.name}"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kemi-o365", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    policy = sub.add_parser("policy", help="work with policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy offline")
+    check.add_argument("file")
+    check.set_defaults(func=_policy_check)
+
+    run = sub.add_parser("run", help="run rtpengine and Kamailio from a policy until SIGINT/SIGTERM")
+    run.add_argument("--policy", required=True)
+    run.add_argument(
+        "--rundir", help="directory for generated files, sockets and logs (default: a new temp dir)"
+    )
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser(
+        "demo", help="the built-in lab: one seed call CUCM -> SBC -> Microsoft, with a ladder"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the run directory (logs, traces)")
+    demo.set_defaults(func=_demo)
+
+    lab = sub.add_parser("lab", help="lab helpers")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    certs = lab_sub.add_parser("certs", help="make the throwaway CA and certificates a lab policy names")
+    certs.add_argument("--policy", required=True)
+    certs.set_defaults(func=lambda a: load_policy_for_certs(Path(a.policy)))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except PolicyError as exc:
+        print(f"policy invalid:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StartError as exc:
+        print(f"could not start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

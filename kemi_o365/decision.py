@@ -1,0 +1,84 @@
+"""The closed set of things routing can decide; the adapter carries each one out.
+
+Rule: frozen data only. Adding a kind here must be matched in `ksr_adapter.apply` (mypy's
+exhaustive-match check reports it).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class MediaAction(enum.StrEnum):
+    OFFER = "offer"
+    ANSWER = "answer"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Media:
+    """One rtpengine operation; `sdp` (when not None) replaces the body rtpengine reads."""
+
+    action: MediaAction
+    flags: str = ""
+    sdp: str | None = None
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Answer the request ourselves; it is not forwarded."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Silently discard (e.g. a stray ACK that matches no transaction)."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class RelayToMicrosoft:
+    """An initial INVITE from CUCM toward a Microsoft proxy, over mutual TLS."""
+
+    request_uri: str
+    destination: str
+    """The URI Kamailio connects to (a pinned address or the FQDN itself)."""
+    to_uri: str
+    send_socket: str
+    advertised_host: str
+    advertised_port: int
+    record_route_outbound: str
+    record_route_inbound: str
+    media: Media
+
+
+@dataclass(frozen=True)
+class RelayInDialog:
+    """A request inside a dialog, already loose-routed; `media` is the rtpengine step, if any."""
+
+    media: Media | None
+    destination: str | None
+    """Next hop when the Request-URI names a pinned Microsoft proxy; None: route by the URI."""
+    advertise: tuple[str, int] | None
+    """Toward Microsoft, Via carries the SBC FQDN and port as Record-Route did."""
+
+
+@dataclass(frozen=True)
+class RelayCancel:
+    """CANCEL of a pending INVITE: relayed statefully, media session released."""
+
+    media: Media
+
+
+Decision = Respond | Drop | RelayToMicrosoft | RelayInDialog | RelayCancel
+
+
+@dataclass(frozen=True)
+class ReplyAction:
+    """What to do with a response passing through: an rtpengine step, or nothing."""
+
+    media: Media | None

@@ -1,0 +1,86 @@
+"""Entry point for Kamailio's app_python3: `mod_init()` returns the handler object.
+
+Rule: each ksr_* method is a few lines: read facts, decide, apply. Every callback returns the int 1
+(a None return leaves a pending TypeError that breaks the worker's next message: KAMAILIO-NOTES P2),
+and no exception escapes into Kamailio: it is logged with the Call-ID and answered with 500.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+
+import KSR
+
+from kemi_o365 import ksr_adapter as adapter
+from kemi_o365 import routing
+from kemi_o365.policy.errors import PolicyError
+from kemi_o365.policy.load import load_policy
+from kemi_o365.policy.model import Policy
+
+POLICY_ENV = "KEMI_O365_POLICY"
+
+
+class Kamailio:
+    """The object app_python3 calls for every SIP message."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def child_init(self, rank: int) -> int:
+        return 0
+
+    def ksr_request_route(self, msg: object) -> int:
+        return self._guarded("request", self._request)
+
+    def ksr_reply_route(self, msg: object) -> int:
+        # Defined so the core reply route exists (KAMAILIO-NOTES P1); work is done in tm callbacks.
+        return 1
+
+    def ksr_onsend_route(self, msg: object) -> int:
+        return 1
+
+    def ksr_onreply_initial(self, msg: object) -> int:
+        return self._guarded("reply", lambda: self._reply(initial=True))
+
+    def ksr_onreply_in_dialog(self, msg: object) -> int:
+        return self._guarded("reply", lambda: self._reply(initial=False))
+
+    def _request(self) -> None:
+        if not adapter.passes_sanity():
+            return
+        request = adapter.read_request(self.policy)
+        adapter.apply(routing.decide(request, self.policy))
+
+    def _reply(self, *, initial: bool) -> None:
+        reply = adapter.read_reply(self.policy)
+        adapter.apply_reply(routing.on_reply(reply, self.policy, initial=initial))
+
+    def _guarded(self, what: str, work: Callable[[], None]) -> int:
+        try:
+            work()
+        except adapter.MediaRelayError as exc:
+            KSR.err(f"kemi-o365: {what} Call-ID {adapter.call_id()}: {exc}\n")
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            KSR.err(f"kemi-o365: internal error in {what} handler, Call-ID {adapter.call_id()}: {detail}\n")
+            KSR.err("kemi-o365: " + traceback.format_exc().replace("\n", "\n  ") + "\n")
+            if what == "request":
+                adapter.respond_error(500, "Internal Server Error")
+        return 1
+
+
+def mod_init() -> Kamailio:
+    """Called once by Kamailio before forking; a bad policy stops Kamailio here."""
+    path = os.environ.get(POLICY_ENV)
+    if not path:
+        KSR.err(f"kemi-o365: {POLICY_ENV} is not set; start with `kemi-o365 run --policy FILE`\n")
+        raise RuntimeError(f"{POLICY_ENV} is not set")
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        KSR.err(f"kemi-o365: refusing to start, the policy is invalid:\n{exc}\n")
+        raise
+    KSR.info(f"kemi-o365: policy {policy.source} loaded ({policy.microsoft.profile} profile)\n")
+    return Kamailio(policy)

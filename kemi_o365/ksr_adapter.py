@@ -1,0 +1,231 @@
+"""The only module that talks to Kamailio: reads facts through KSR and carries out decisions.
+
+Rule: no routing choices here. Everything that decides lives in `routing`; this module turns
+KSR's int return codes into exceptions in one place (`_ok`) and keeps the KSR call order that
+Kamailio needs (KAMAILIO-NOTES §1.4, §1.7).
+"""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+import KSR
+
+from kemi_o365.decision import (
+    Decision,
+    Drop,
+    Media,
+    MediaAction,
+    RelayCancel,
+    RelayInDialog,
+    RelayToMicrosoft,
+    ReplyAction,
+    Respond,
+)
+from kemi_o365.policy.model import Policy, Transport
+from kemi_o365.request import Method, Reply, Request, Side
+
+# rtpengine reads the SDP from this variable (modparam read_sdp_pv in kamailio.cfg), so the core
+# can hand it an edited body; it must therefore be set before every offer and answer.
+SDP_PV = "$var(kemi_o365_sdp)"
+
+# tm onreply callbacks: method names on the handler object (kemi.Kamailio), kept as constants so a
+# test can check each names a real method (a typo is silent in Kamailio 5.6).
+ONREPLY_INITIAL = "ksr_onreply_initial"
+ONREPLY_IN_DIALOG = "ksr_onreply_in_dialog"
+
+# sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
+# parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
+SANITY_MSG_CHECKS = 17895
+SANITY_URI_CHECKS = 7
+MAX_FORWARDS_DEFAULT = 70
+
+
+class KsrError(Exception):
+    """A KSR call failed; the message names the call so logs say what broke."""
+
+
+class MediaRelayError(KsrError):
+    """rtpengine did not accept an offer or answer."""
+
+
+def _ok(rc: int, what: str) -> int:
+    """KEMI ints: >0 success, <0 failure, 0 'stop' (KAMAILIO-NOTES §1.4, P4)."""
+    if rc < 0:
+        raise KsrError(f"{what} failed (rc={rc})")
+    return rc
+
+
+def side_of(local_ip: str, local_port: int, policy: Policy) -> Side:
+    sbc = policy.sbc
+    if local_ip == sbc.internal.address and local_port == sbc.internal.port:
+        return Side.CUCM
+    if local_ip == sbc.external.address and local_port == sbc.external.port:
+        return Side.MICROSOFT
+    return Side.UNKNOWN
+
+
+def _side() -> tuple[str, int]:
+    return KSR.pv.gete("$Ri"), int(KSR.pv.geti("$Rp"))
+
+
+def _sdp_body() -> tuple[bool, str]:
+    if KSR.textops.has_body_type("application/sdp") < 0:
+        return False, ""
+    return True, KSR.pv.gete("$rb")
+
+
+def passes_sanity() -> bool:
+    """Malformed requests get the sanity module's own reply and go no further."""
+    return KSR.sanity.sanity_check(SANITY_MSG_CHECKS, SANITY_URI_CHECKS) > 0
+
+
+def read_request(policy: Policy) -> Request:
+    local_ip, local_port = _side()
+    to_tag = KSR.siputils.has_totag() > 0
+    # loose_route consumes our own Route headers; only in-dialog requests may carry them here.
+    routed = to_tag and KSR.rr.loose_route() > 0
+    has_sdp, sdp = _sdp_body()
+    raw_mf = KSR.hdr.gete("Max-Forwards").strip()
+    proto = KSR.pv.gete("$pr").lower()
+    return Request(
+        method=Method.parse(KSR.pv.gete("$rm")),
+        ruri_user=KSR.pv.gete("$rU"),
+        ruri_host=KSR.pv.gete("$rd"),
+        source_ip=KSR.pv.gete("$si"),
+        source_port=int(KSR.pv.geti("$sp")),
+        transport=Transport(proto) if proto in ("udp", "tcp", "tls") else Transport.UDP,
+        side=side_of(local_ip, local_port, policy),
+        to_tag=to_tag,
+        has_sdp=has_sdp,
+        sdp=sdp,
+        max_forwards=int(raw_mf) if raw_mf.isdigit() else None,
+        routed_to_us=routed,
+    )
+
+
+def read_reply(policy: Policy) -> Reply:
+    local_ip, local_port = _side()
+    has_sdp, sdp = _sdp_body()
+    return Reply(
+        status=int(KSR.pv.geti("$rs")),
+        cseq_method=Method.parse(KSR.pv.gete("$rm")),
+        side=side_of(local_ip, local_port, policy),
+        has_sdp=has_sdp,
+        sdp=sdp,
+    )
+
+
+def run_media(media: Media) -> None:
+    """One rtpengine step; raises MediaRelayError when rtpengine refuses or is unreachable."""
+    if media.action is MediaAction.DELETE:
+        # A failed delete (session already gone) must not break the signalling path.
+        KSR.rtpengine.rtpengine_delete0()
+        return
+    sdp = media.sdp if media.sdp is not None else KSR.pv.gete("$rb")
+    KSR.pv.sets(SDP_PV, sdp)
+    if media.action is MediaAction.OFFER:
+        rc = KSR.rtpengine.rtpengine_offer(media.flags)
+    else:
+        rc = KSR.rtpengine.rtpengine_answer(media.flags)
+    if rc < 0:
+        raise MediaRelayError(f"rtpengine_{media.action} failed (rc={rc})")
+
+
+def _retransmission() -> bool:
+    """True when tm already handles this request (a retransmission); the script must stop."""
+    if KSR.tmx.t_precheck_trans() > 0:
+        KSR.tm.t_check_trans()
+        return True
+    return KSR.tm.t_check_trans() == 0
+
+
+def _relay(onreply: str) -> None:
+    KSR.tm.t_on_reply(onreply)
+    if KSR.tm.t_relay() < 0:
+        KSR.sl.sl_reply_error()
+
+
+def apply(decision: Decision) -> None:
+    match decision:
+        case Respond(code=code, reason=reason):
+            KSR.sl.sl_send_reply(code, reason)
+        case Drop():
+            # Hop-by-hop ACKs for negative replies belong to a tm transaction, which absorbs them.
+            if KSR.is_ACK() and KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+        case RelayToMicrosoft():
+            _relay_to_microsoft(decision)
+        case RelayInDialog():
+            _relay_in_dialog(decision)
+        case RelayCancel(media=media):
+            if KSR.tm.t_check_trans() > 0:
+                run_media(media)
+                KSR.tm.t_relay()
+        case _:
+            assert_never(decision)
+
+
+def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
+    if _retransmission():
+        return
+    _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
+    try:
+        run_media(d.media)
+    except MediaRelayError:
+        KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
+        raise
+    _ok(KSR.rr.record_route_preset(d.record_route_outbound, d.record_route_inbound), "record_route_preset")
+    _ok(KSR.uac.uac_replace_to_uri(d.to_uri), "uac_replace_to_uri")
+    _ok(KSR.seturi(d.request_uri), "seturi")
+    _ok(KSR.setdsturi(d.destination), "setdsturi")
+    _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
+    # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
+    _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
+    _ok(KSR.set_advertised_port(str(d.advertised_port)), "set_advertised_port")
+    _relay(ONREPLY_INITIAL)
+
+
+def _relay_in_dialog(d: RelayInDialog) -> None:
+    if KSR.is_ACK():
+        if d.media is not None:
+            run_media(d.media)
+        if d.destination:
+            _ok(KSR.setdsturi(d.destination), "setdsturi")
+        if d.advertise is not None:
+            _advertise(d.advertise)
+        KSR.tm.t_relay()
+        return
+    if _retransmission():
+        return
+    _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
+    if d.media is not None:
+        run_media(d.media)
+    if d.destination:
+        _ok(KSR.setdsturi(d.destination), "setdsturi")
+    if d.advertise is not None:
+        _advertise(d.advertise)
+    _relay(ONREPLY_IN_DIALOG)
+
+
+def _advertise(host_port: tuple[str, int]) -> None:
+    _ok(KSR.set_advertised_address(host_port[0]), "set_advertised_address")
+    _ok(KSR.set_advertised_port(str(host_port[1])), "set_advertised_port")
+
+
+def apply_reply(action: ReplyAction) -> None:
+    if action.media is not None:
+        run_media(action.media)
+
+
+def respond_error(code: int, reason: str) -> None:
+    """Last-resort answer after an internal error; never raises."""
+    try:
+        if KSR.siputils.is_request() > 0 and not KSR.is_ACK():
+            KSR.sl.send_reply(code, reason)
+    except Exception as exc:
+        KSR.err(f"kemi-o365: could not send {code}: {exc}\n")
+
+
+def call_id() -> str:
+    return KSR.pv.gete("$ci")

@@ -1,0 +1,81 @@
+"""rtpengine flag sets for each leg, and SDP edits done before rtpengine sees a body.
+
+Rule: pure data and pure functions; the adapter passes these strings to rtpengine unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# rtpengine 10.5 offers every SDES suite unless told otherwise and has no `SDES-only-`
+# (KAMAILIO-NOTES §4.2), so "only AES_CM_128_HMAC_SHA1_80" is spelled as "not the other eleven".
+OTHER_SDES_SUITES = (
+    "AEAD_AES_256_GCM",
+    "AEAD_AES_128_GCM",
+    "AES_256_CM_HMAC_SHA1_80",
+    "AES_256_CM_HMAC_SHA1_32",
+    "AES_192_CM_HMAC_SHA1_80",
+    "AES_192_CM_HMAC_SHA1_32",
+    "AES_CM_128_HMAC_SHA1_32",
+    "F8_128_HMAC_SHA1_80",
+    "F8_128_HMAC_SHA1_32",
+    "NULL_HMAC_SHA1_80",
+    "NULL_HMAC_SHA1_32",
+)
+
+# CUCM -> Microsoft. Seed 000: Microsoft answers 488 without SRTP, with rtcp-mux offered, or with
+# any ICE attribute; DTLS=off because RTP/SAVP alone makes rtpengine add a=fingerprint/setup.
+DEFAULT_OFFER_TO_MICROSOFT: tuple[str, ...] = (
+    "ICE=remove",
+    "DTLS=off",
+    "RTP/SAVP",
+    "rtcp-mux-demux",
+    "replace-origin",
+    "replace-session-connection",
+    "strip-extmap",
+    "direction=internal",
+    "direction=external",
+    *(f"SDES-no-{suite}" for suite in OTHER_SDES_SUITES),
+)
+
+# Microsoft -> CUCM: rtpengine remembers the offer's RTP/AVP and answers CUCM in plain RTP.
+DEFAULT_ANSWER_TO_CUCM: tuple[str, ...] = (
+    "ICE=remove",
+    "replace-origin",
+    "replace-session-connection",
+)
+
+
+# Microsoft -> CUCM offer (a re-INVITE Microsoft starts): plain RTP, nothing CUCM cannot parse.
+DEFAULT_OFFER_TO_CUCM: tuple[str, ...] = (
+    "ICE=remove",
+    "DTLS=off",
+    "RTP/AVP",
+    "rtcp-mux-demux",
+    "replace-origin",
+    "replace-session-connection",
+    "strip-extmap",
+)
+
+# CUCM's answer to a Microsoft offer: rtpengine keeps Microsoft's RTP/SAVP and crypto suite.
+DEFAULT_ANSWER_TO_MICROSOFT: tuple[str, ...] = (
+    "ICE=remove",
+    "replace-origin",
+    "replace-session-connection",
+)
+
+
+def flag_string(flags: Iterable[str]) -> str:
+    """The space-separated form Kamailio's rtpengine module parses."""
+    return " ".join(flags)
+
+
+def strip_lines(sdp: str, prefixes: Iterable[str]) -> str:
+    """Remove every SDP line starting with one of `prefixes`, keeping the body's line ending."""
+    wanted = tuple(prefixes)
+    if not wanted:
+        return sdp
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(eol)
+    kept = [ln for ln in lines if not ln.startswith(wanted)]
+    return eol.join(kept)

@@ -1,0 +1,424 @@
+"""Read a policy YAML file into a frozen `Policy`, or raise `PolicyError` naming file, line and key.
+
+Rule: this is the only module that reads a policy file. It collects every problem before raising,
+so an operator fixes a file in one pass; unknown keys are errors (a typo must not silently fall
+back to a default) and get a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT
+from kemi_o365.policy.errors import PolicyError, Problem
+from kemi_o365.policy.model import (
+    Cucm,
+    ExternalSide,
+    InternalSide,
+    KamailioSettings,
+    Microsoft,
+    Policy,
+    Profile,
+    Proxy,
+    Rtpengine,
+    Sbc,
+    TlsFiles,
+    Transport,
+)
+
+T = TypeVar("T")
+
+_FQDN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
+_SIP_URI = re.compile(r"^sip:[^@\s<>]+@[A-Za-z0-9.-]+(:\d+)?$")
+
+
+class _Invalid(Exception):
+    """One value is wrong; raised inside a field reader, recorded by `_Reader.field`."""
+
+
+class _Reader:
+    """Walks the composed YAML tree, converting values and recording problems with their line."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.base = source.absolute().parent
+        self.problems: list[Problem] = []
+
+    def problem(self, node: Node | None, key: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 0
+        self.problems.append(Problem(str(self.source), line, key, message))
+
+    def mapping(self, node: Node | None, key: str, allowed: dict[str, bool]) -> dict[str, Node]:
+        """Children of a mapping; `allowed` maps each known key to whether it is required."""
+        if node is None:
+            return {}
+        if not isinstance(node, MappingNode):
+            self.problem(node, key, f"expected a mapping, got {_kind(node)}")
+            return {}
+        out: dict[str, Node] = {}
+        for knode, vnode in node.value:
+            name = str(knode.value)
+            path = f"{key}.{name}" if key else name
+            if name in out:
+                first = out[name].start_mark.line + 1
+                self.problem(knode, path, f"duplicate key (first at line {first})")
+                continue
+            if name not in allowed:
+                hint = difflib.get_close_matches(name, allowed, n=1)
+                tip = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(allowed)}"
+                self.problem(knode, path, f"unknown key{tip}")
+                continue
+            out[name] = vnode
+        for name, required in allowed.items():
+            if required and name not in out:
+                self.problem(node, f"{key}.{name}" if key else name, "missing required key")
+        return out
+
+    def field(self, node: Node | None, key: str, convert: Callable[[Node], T], default: T) -> T:
+        """Convert one value; on a problem record it and return `default` so checking goes on."""
+        if node is None:
+            return default
+        try:
+            return convert(node)
+        except _Invalid as exc:
+            self.problem(node, key, str(exc))
+            return default
+
+    def items(self, node: Node | None, key: str, convert: Callable[[Node], T]) -> tuple[T, ...]:
+        if node is None:
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.problem(node, key, f"expected a list, got {_kind(node)}")
+            return ()
+        out: list[T] = []
+        for i, child in enumerate(node.value):
+            try:
+                out.append(convert(child))
+            except _Invalid as exc:
+                self.problem(child, f"{key}[{i}]", str(exc))
+        return tuple(out)
+
+    def path(self, node: Node) -> Path:
+        raw = _string(node)
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return repr(node.value)
+
+
+def _scalar(node: Node) -> object:
+    if not isinstance(node, ScalarNode):
+        raise _Invalid(f"expected a single value, got {_kind(node)}")
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node)
+    finally:
+        loader.dispose()
+
+
+def _string(node: Node) -> str:
+    value = _scalar(node)
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _integer(node: Node, low: int, high: int) -> int:
+    value = _scalar(node)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise _Invalid(f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _port(node: Node) -> int:
+    return _integer(node, 1, 65535)
+
+
+def _ip(node: Node) -> str:
+    raw = _scalar(node)
+    try:
+        return str(ipaddress.ip_address(str(raw)))
+    except ValueError as exc:
+        raise _Invalid(f"expected an IP address, got {raw!r}") from exc
+
+
+def _network(node: Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    raw = _scalar(node)
+    try:
+        return ipaddress.ip_network(str(raw), strict=False)
+    except ValueError as exc:
+        raise _Invalid(f"expected an address or network (CIDR), got {raw!r}") from exc
+
+
+def _fqdn(node: Node) -> str:
+    value = _string(node)
+    if not _FQDN.match(value):
+        raise _Invalid(f"expected a fully qualified domain name, got {value!r}")
+    return value.lower()
+
+
+def _regex(node: Node) -> re.Pattern[str]:
+    value = _string(node)
+    try:
+        return re.compile(value, re.IGNORECASE)
+    except re.error as exc:
+        raise _Invalid(f"bad regular expression {value!r}: {exc}") from exc
+
+
+def _sip_uri(node: Node) -> str:
+    value = _string(node)
+    if not _SIP_URI.match(value):
+        raise _Invalid(f"expected a SIP URI like 'sip:87000@host.example.com', got {value!r}")
+    return value
+
+
+def _transport(allowed: tuple[Transport, ...]) -> Callable[[Node], Transport]:
+    def convert(node: Node) -> Transport:
+        value = _string(node).lower()
+        if value not in {t.value for t in allowed}:
+            raise _Invalid(f"expected one of {', '.join(t.value for t in allowed)}, got {value!r}")
+        return Transport(value)
+
+    return convert
+
+
+def _profile(node: Node) -> Profile:
+    value = _string(node)
+    try:
+        return Profile(value)
+    except ValueError as exc:
+        raise _Invalid(f"expected one of {', '.join(p.value for p in Profile)}, got {value!r}") from exc
+
+
+def _readable_file(r: _Reader) -> Callable[[Node], Path]:
+    def convert(node: Node) -> Path:
+        p = r.path(node)
+        try:
+            with p.open("rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise _Invalid(f"cannot read {p}: {exc.strerror}") from exc
+        return p
+
+    return convert
+
+
+def _sbc(r: _Reader, node: Node | None) -> Sbc:
+    m = r.mapping(node, "sbc", {"fqdn": True, "tls": True, "internal": True, "external": True})
+    tls = r.mapping(m.get("tls"), "sbc.tls", {"certificate": True, "private_key": True, "ca": True})
+    rf = _readable_file(r)
+    nowhere = Path("/nonexistent")
+    internal = r.mapping(
+        m.get("internal"), "sbc.internal", {"address": True, "port": False, "transports": False}
+    )
+    external = r.mapping(
+        m.get("external"), "sbc.external", {"address": True, "port": False, "advertised_address": False}
+    )
+    transports = r.items(
+        internal.get("transports"), "sbc.internal.transports", _transport((Transport.UDP, Transport.TCP))
+    )
+    return Sbc(
+        fqdn=r.field(m.get("fqdn"), "sbc.fqdn", _fqdn, "invalid.invalid"),
+        tls=TlsFiles(
+            certificate=r.field(tls.get("certificate"), "sbc.tls.certificate", rf, nowhere),
+            private_key=r.field(tls.get("private_key"), "sbc.tls.private_key", rf, nowhere),
+            ca=r.field(tls.get("ca"), "sbc.tls.ca", rf, nowhere),
+        ),
+        internal=InternalSide(
+            address=r.field(internal.get("address"), "sbc.internal.address", _ip, "0.0.0.0"),
+            port=r.field(internal.get("port"), "sbc.internal.port", _port, 5060),
+            transports=transports or (Transport.UDP, Transport.TCP),
+        ),
+        external=ExternalSide(
+            address=r.field(external.get("address"), "sbc.external.address", _ip, "0.0.0.0"),
+            port=r.field(external.get("port"), "sbc.external.port", _port, 5061),
+            advertised_address=r.field(
+                external.get("advertised_address"), "sbc.external.advertised_address", _ip, None
+            ),
+        ),
+    )
+
+
+def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
+    m = r.mapping(node, "rtpengine", {"control": True, "port_min": False, "port_max": False})
+    ctl = r.mapping(m.get("control"), "rtpengine.control", {"address": True, "port": True})
+    rtp = Rtpengine(
+        control_address=r.field(ctl.get("address"), "rtpengine.control.address", _ip, "127.0.0.1"),
+        control_port=r.field(ctl.get("port"), "rtpengine.control.port", _port, 22222),
+        port_min=r.field(m.get("port_min"), "rtpengine.port_min", lambda n: _integer(n, 1024, 65535), 30000),
+        port_max=r.field(m.get("port_max"), "rtpengine.port_max", lambda n: _integer(n, 1024, 65535), 40000),
+    )
+    if rtp.port_max - rtp.port_min < 3:
+        # rtpengine needs RTP+RTCP on each side: 4 ports for one call.
+        r.problem(m.get("port_max"), "rtpengine.port_max", "the range must hold at least 4 ports (one call)")
+    return rtp
+
+
+def _cucm(r: _Reader, node: Node | None) -> Cucm:
+    m = r.mapping(node, "cucm", {"sources": True, "transport": False})
+    sources = r.items(m.get("sources"), "cucm.sources", _network)
+    if isinstance(m.get("sources"), SequenceNode) and not sources and not m["sources"].value:
+        r.problem(m.get("sources"), "cucm.sources", "list at least one CUCM address")
+    return Cucm(
+        sources=sources,
+        transport=r.field(
+            m.get("transport"), "cucm.transport", _transport((Transport.UDP, Transport.TCP)), Transport.TCP
+        ),
+    )
+
+
+def _proxies(r: _Reader, node: Node | None) -> tuple[Proxy, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, SequenceNode) or not node.value:
+        r.problem(node, "microsoft.proxies", "expected a list of at least one Microsoft proxy")
+        return ()
+    out: list[Proxy] = []
+    for i, child in enumerate(node.value):
+        key = f"microsoft.proxies[{i}]"
+        m = r.mapping(child, key, {"fqdn": True, "port": False, "address": False})
+        out.append(
+            Proxy(
+                fqdn=r.field(m.get("fqdn"), f"{key}.fqdn", _fqdn, "invalid.invalid"),
+                port=r.field(m.get("port"), f"{key}.port", _port, 5061),
+                address=r.field(m.get("address"), f"{key}.address", _ip, None),
+            )
+        )
+    return tuple(out)
+
+
+def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
+    keys = {
+        "profile": True,
+        "match": True,
+        "to_uri": True,
+        "proxies": True,
+        "offer_flags": False,
+        "answer_flags": False,
+        "strip_answer_prefixes": False,
+    }
+    m = r.mapping(node, "microsoft", keys)
+    match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
+    proxies = _proxies(r, m.get("proxies"))
+    offer = r.items(m.get("offer_flags"), "microsoft.offer_flags", _string)
+    answer = r.items(m.get("answer_flags"), "microsoft.answer_flags", _string)
+    return Microsoft(
+        profile=r.field(m.get("profile"), "microsoft.profile", _profile, Profile.EXCHANGE_UM),
+        match_request_uri_host=r.field(
+            match.get("request_uri_host"), "microsoft.match.request_uri_host", _regex, re.compile("(?!)")
+        ),
+        to_uri=r.field(m.get("to_uri"), "microsoft.to_uri", _sip_uri, "sip:invalid@invalid.invalid"),
+        proxies=proxies,
+        offer_flags=offer or DEFAULT_OFFER_TO_MICROSOFT,
+        answer_flags=answer or DEFAULT_ANSWER_TO_CUCM,
+        strip_answer_prefixes=r.items(
+            m.get("strip_answer_prefixes"), "microsoft.strip_answer_prefixes", _string
+        ),
+    )
+
+
+def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
+    m = r.mapping(node, "kamailio", {"children": False, "log_level": False, "rtpengine_timeout_ms": False})
+    return KamailioSettings(
+        children=r.field(m.get("children"), "kamailio.children", lambda n: _integer(n, 1, 64), 4),
+        log_level=r.field(m.get("log_level"), "kamailio.log_level", lambda n: _integer(n, -5, 3), 2),
+        rtpengine_timeout_ms=r.field(
+            m.get("rtpengine_timeout_ms"),
+            "kamailio.rtpengine_timeout_ms",
+            lambda n: _integer(n, 50, 5000),
+            500,
+        ),
+    )
+
+
+def _cross_checks(r: _Reader, policy: Policy, top: dict[str, Node]) -> None:
+    sbc = policy.sbc
+    if sbc.internal.address == sbc.external.address and sbc.internal.port == sbc.external.port:
+        r.problem(
+            top.get("sbc"),
+            "sbc.external.port",
+            "the internal and external listeners use the same address and port",
+        )
+    rtp = policy.rtpengine
+    if rtp.port_min > rtp.port_max:
+        r.problem(
+            top.get("rtpengine"),
+            "rtpengine.port_min",
+            f"greater than port_max ({rtp.port_min} > {rtp.port_max})",
+        )
+    sip_ports = {sbc.internal.port, sbc.external.port}
+    clash = sorted(p for p in sip_ports if rtp.port_min <= p <= rtp.port_max)
+    if clash:
+        r.problem(
+            top.get("rtpengine"), "rtpengine.port_min", f"media port range overlaps SIP port {clash[0]}"
+        )
+
+
+@contextmanager
+def _parse_errors(source: Path) -> Iterator[None]:
+    try:
+        yield
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise PolicyError(
+            [Problem(str(source), line, "", f"YAML syntax error: {exc.problem or exc}")]
+        ) from exc
+
+
+def parse_policy(text: str, source: Path) -> Policy:
+    """Build a Policy from YAML text; `source` names the file in errors and anchors relative paths."""
+    with _parse_errors(source):
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    r = _Reader(source)
+    if root is None:
+        raise PolicyError([Problem(str(source), 1, "", "the file is empty")])
+    top = r.mapping(
+        root,
+        "",
+        {"version": True, "sbc": True, "rtpengine": True, "cucm": True, "microsoft": True, "kamailio": False},
+    )
+    version = r.field(top.get("version"), "version", lambda n: _integer(n, 1, 1), 1)
+    policy = Policy(
+        source=source.absolute(),
+        sbc=_sbc(r, top.get("sbc")),
+        rtpengine=_rtpengine(r, top.get("rtpengine")),
+        cucm=_cucm(r, top.get("cucm")),
+        microsoft=_microsoft(r, top.get("microsoft")),
+        kamailio=_kamailio(r, top.get("kamailio")),
+    )
+    del version  # only one schema version exists; the key is required so the next one can be told apart
+    if not r.problems:
+        _cross_checks(r, policy, top)
+    if r.problems:
+        raise PolicyError(r.problems)
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([Problem(str(source), 0, "", f"cannot read the policy: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError([Problem(str(source), 0, "", f"not UTF-8 text: {exc.reason}")]) from exc
+    return parse_policy(text, source)

@@ -1,0 +1,141 @@
+"""The policy as typed, frozen data: built once at start-up (or reload), read on every message.
+
+Rule: nothing here does I/O or knows about YAML; `load.py` builds these objects and is the only
+place a policy file is read.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Profile(enum.StrEnum):
+    """Which Microsoft service the Microsoft side speaks to."""
+
+    EXCHANGE_UM = "exchange-um"
+    """Exchange Online Unified Messaging (the seeds; retired by Microsoft in 2020)."""
+    TEAMS_DIRECT_ROUTING = "teams-direct-routing"
+    """Microsoft Teams Direct Routing (today's service)."""
+
+
+class Transport(enum.StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+    TLS = "tls"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    certificate: Path
+    """PEM certificate the SBC presents, as server and as client (mutual TLS)."""
+    private_key: Path
+    """PEM private key of that certificate."""
+    ca: Path
+    """PEM bundle of the CAs the SBC trusts for the Microsoft side."""
+
+
+@dataclass(frozen=True)
+class InternalSide:
+    """The CUCM-facing listener."""
+
+    address: str
+    """IP address the SBC listens on toward CUCM."""
+    port: int
+    """SIP port toward CUCM (UDP and TCP share it)."""
+    transports: tuple[Transport, ...]
+    """Transports CUCM may use (udp, tcp)."""
+
+
+@dataclass(frozen=True)
+class ExternalSide:
+    """The Microsoft-facing TLS listener."""
+
+    address: str
+    """IP address the SBC listens on toward Microsoft (behind NAT: the private one)."""
+    port: int
+    """TLS port toward Microsoft (5061 in production)."""
+    advertised_address: str | None
+    """Public IP that NAT maps to `address`; written into SDP toward Microsoft."""
+
+
+@dataclass(frozen=True)
+class Sbc:
+    fqdn: str
+    """The SBC's public DNS name: certificate subject, Record-Route/Via toward Microsoft."""
+    tls: TlsFiles
+    internal: InternalSide
+    external: ExternalSide
+
+
+@dataclass(frozen=True)
+class Rtpengine:
+    control_address: str
+    """Address of rtpengine's ng control socket (UDP)."""
+    control_port: int
+    """Port of rtpengine's ng control socket."""
+    port_min: int
+    """First UDP port rtpengine relays media on."""
+    port_max: int
+    """Last UDP port rtpengine relays media on (4 ports per concurrent call)."""
+
+
+@dataclass(frozen=True)
+class Cucm:
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    """Networks CUCM sends from; requests from anyone else are refused with 403."""
+    transport: Transport
+    """Transport CUCM uses toward the SBC."""
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """One Microsoft SIP proxy, tried in order."""
+
+    fqdn: str
+    """Name used in the Request-URI, for TLS SNI and to verify Microsoft's certificate."""
+    port: int
+    """TLS port (5061)."""
+    address: str | None
+    """Pinned IP (a lab, or a site without DNS); TLS still verifies `fqdn`."""
+
+
+@dataclass(frozen=True)
+class Microsoft:
+    profile: Profile
+    match_request_uri_host: re.Pattern[str]
+    """Calls from CUCM whose Request-URI host matches go to Microsoft (the seed's SRV name)."""
+    to_uri: str
+    """The UM forwarding address written into the To header (Microsoft answers 488 otherwise)."""
+    proxies: tuple[Proxy, ...]
+    offer_flags: tuple[str, ...]
+    """rtpengine flags for an offer from CUCM toward Microsoft (RTP -> SRTP)."""
+    answer_flags: tuple[str, ...]
+    """rtpengine flags for Microsoft's answer back toward CUCM (SRTP -> RTP)."""
+    strip_answer_prefixes: tuple[str, ...]
+    """SDP lines with these prefixes are removed from Microsoft's SDP before rtpengine sees it."""
+
+
+@dataclass(frozen=True)
+class KamailioSettings:
+    children: int
+    """SIP worker processes per UDP listener (TCP/TLS workers: the same number)."""
+    log_level: int
+    """Kamailio `debug` level (-5..3; 2 = info)."""
+    rtpengine_timeout_ms: int
+    """How long a worker waits for rtpengine before the call fails fast."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything the SBC knows about its site, read from one YAML file."""
+
+    source: Path
+    sbc: Sbc
+    rtpengine: Rtpengine
+    cucm: Cucm
+    microsoft: Microsoft
+    kamailio: KamailioSettings

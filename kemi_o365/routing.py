@@ -1,0 +1,149 @@
+"""Routing decisions: pure functions of (message facts, policy) -> decision.
+
+Rule: pure. This module may not import KSR, open files or sockets, read the clock or log; the
+adapter gathers the facts and carries the decision out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from kemi_o365.decision import (
+    Decision,
+    Drop,
+    Media,
+    MediaAction,
+    RelayCancel,
+    RelayInDialog,
+    RelayToMicrosoft,
+    ReplyAction,
+    Respond,
+)
+from kemi_o365.media import (
+    DEFAULT_ANSWER_TO_MICROSOFT,
+    DEFAULT_OFFER_TO_CUCM,
+    flag_string,
+    strip_lines,
+)
+from kemi_o365.policy.model import Policy, Proxy, Transport
+from kemi_o365.request import Method, Reply, Request, Side
+
+DELETE = Media(MediaAction.DELETE)
+
+
+def decide(req: Request, policy: Policy) -> Decision:
+    """What to do with one incoming request."""
+    if req.side is Side.UNKNOWN:
+        return Respond(403, "Forbidden")
+    if req.side is Side.CUCM and not _cucm_allowed(req.source_ip, policy):
+        return Respond(403, "Forbidden")
+    # RFC 3261 §16.3 step 2: a proxy must not forward a request whose Max-Forwards is zero.
+    if req.max_forwards == 0 and req.method is not Method.OPTIONS:
+        return Respond(483, "Too Many Hops")
+    if req.method is Method.CANCEL:
+        return RelayCancel(DELETE)
+    if req.to_tag:
+        return _in_dialog(req, policy)
+    if req.method is Method.OPTIONS:
+        # Keep-alive pings from CUCM (SIP OPTIONS ping) and from Microsoft: we answer for ourselves.
+        return Respond(200, "OK")
+    if req.side is Side.CUCM and req.method is Method.INVITE:
+        return _invite_from_cucm(req, policy)
+    if req.method is Method.ACK:
+        return Drop("ACK outside any dialog")
+    return Respond(404, "Not Found")
+
+
+def _cucm_allowed(ip: str, policy: Policy) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in policy.cucm.sources)
+
+
+def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
+    ms = policy.microsoft
+    if not ms.match_request_uri_host.fullmatch(req.ruri_host):
+        return Respond(404, "Not Found")
+    if not req.has_sdp:
+        # Microsoft does not take delayed offer; CUCM must send SDP (early offer / MTP on the trunk).
+        return Respond(488, "Not Acceptable Here (delayed offer: enable early offer on the CUCM trunk)")
+    proxy = ms.proxies[0]
+    return RelayToMicrosoft(
+        request_uri=f"sip:{req.ruri_user}@{proxy.fqdn}:{proxy.port};transport=tls",
+        destination=_destination(proxy),
+        to_uri=ms.to_uri,
+        send_socket=f"tls:{policy.sbc.external.address}:{policy.sbc.external.port}",
+        advertised_host=policy.sbc.fqdn,
+        advertised_port=policy.sbc.external.port,
+        record_route_outbound=f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
+        record_route_inbound=_inbound_rr(req, policy),
+        media=Media(MediaAction.OFFER, flag_string(ms.offer_flags)),
+    )
+
+
+def _destination(proxy: Proxy) -> str:
+    return f"sip:{proxy.address or proxy.fqdn}:{proxy.port};transport=tls"
+
+
+def _inbound_rr(req: Request, policy: Policy) -> str:
+    internal = policy.sbc.internal
+    suffix = ";transport=tcp" if req.transport is Transport.TCP else ""
+    return f"{internal.address}:{internal.port}{suffix};r2=on"
+
+
+def _in_dialog(req: Request, policy: Policy) -> Decision:
+    if not req.routed_to_us:
+        if req.method is Method.ACK:
+            return Drop("ACK with no Route to this SBC")
+        # RFC 3261 §16.4 would have us route by Request-URI; an SBC only relays dialogs it recorded.
+        return Respond(404, "Not Here")
+    toward_microsoft = req.side is Side.CUCM
+    media = _in_dialog_media(req, policy, toward_microsoft)
+    if not toward_microsoft:
+        return RelayInDialog(media=media, destination=None, advertise=None)
+    pinned = next(
+        (p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower() and p.address), None
+    )
+    return RelayInDialog(
+        media=media,
+        destination=_destination(pinned) if pinned else None,
+        advertise=(policy.sbc.fqdn, policy.sbc.external.port),
+    )
+
+
+def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Media | None:
+    if req.method is Method.BYE:
+        return DELETE
+    if not req.has_sdp:
+        return None
+    ms = policy.microsoft
+    if req.method is Method.INVITE or req.method is Method.UPDATE:
+        if toward_microsoft:
+            return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
+        sdp = strip_lines(req.sdp, ms.strip_answer_prefixes)
+        return Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp)
+    if req.method is Method.ACK:
+        flags = DEFAULT_ANSWER_TO_MICROSOFT if toward_microsoft else ms.answer_flags
+        return Media(MediaAction.ANSWER, flag_string(flags))
+    return None
+
+
+def on_reply(reply: Reply, policy: Policy, *, initial: bool) -> ReplyAction:
+    """What to do with a response to a request we relayed.
+
+    `initial` tells a response to the dialog-creating INVITE from one to a re-INVITE: a failed
+    re-INVITE leaves the call up, so its media session must survive.
+    """
+    if reply.cseq_method is not Method.INVITE and reply.cseq_method is not Method.UPDATE:
+        return ReplyAction(None)
+    if reply.status >= 300:
+        return ReplyAction(DELETE if initial and reply.cseq_method is Method.INVITE else None)
+    if reply.status < 101 or not reply.has_sdp:
+        return ReplyAction(None)
+    ms = policy.microsoft
+    if reply.side is Side.MICROSOFT:
+        sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
+        return ReplyAction(Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp))
+    return ReplyAction(Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)))

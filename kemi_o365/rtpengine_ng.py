@@ -1,0 +1,99 @@
+"""A small client for rtpengine's ng control protocol (bencode over UDP): ping, list, query.
+
+Used by the lab and `kemi-o365 status` to ask rtpengine what it holds (Kamailio talks to rtpengine
+through its own module, not through this).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TypeAlias
+
+Bencodable: TypeAlias = "int | bytes | str | list[Bencodable] | dict[str, Bencodable]"
+Decoded: TypeAlias = "int | bytes | list[Decoded] | dict[str, Decoded]"
+
+
+class NgError(Exception):
+    """rtpengine did not answer, or answered with an error."""
+
+
+def bencode(value: Bencodable) -> bytes:
+    if isinstance(value, int):
+        return b"i%de" % value
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return b"%d:%s" % (len(value), value)
+    if isinstance(value, list):
+        return b"l" + b"".join(bencode(v) for v in value) + b"e"
+    items = sorted(value.items())
+    return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
+
+
+def bdecode(data: bytes) -> Decoded:
+    value, end = _decode(data, 0)
+    if end != len(data):
+        raise NgError("trailing bytes after bencoded value")
+    return value
+
+
+def _decode(data: bytes, i: int) -> tuple[Decoded, int]:
+    lead = data[i : i + 1]
+    if lead == b"i":
+        end = data.index(b"e", i)
+        return int(data[i + 1 : end]), end + 1
+    if lead in (b"l", b"d"):
+        i += 1
+        items: list[Decoded] = []
+        while data[i : i + 1] != b"e":
+            item, i = _decode(data, i)
+            items.append(item)
+        if lead == b"l":
+            return items, i + 1
+        keys = items[0::2]
+        return {
+            k.decode() if isinstance(k, bytes) else str(k): v for k, v in zip(keys, items[1::2], strict=True)
+        }, i + 1
+    colon = data.index(b":", i)
+    length = int(data[i:colon])
+    start = colon + 1
+    return data[start : start + length], start + length
+
+
+def command(host: str, port: int, message: dict[str, Bencodable], timeout: float = 1.0) -> dict[str, Decoded]:
+    """Send one ng command and return the decoded reply dictionary."""
+    cookie = os.urandom(6).hex()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(cookie.encode() + b" " + bencode(message), (host, port))
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError as exc:
+            raise NgError(f"rtpengine at {host}:{port} did not answer {message.get('command')!r}") from exc
+    got_cookie, _, payload = data.partition(b" ")
+    if got_cookie.decode() != cookie:
+        raise NgError("reply cookie does not match")
+    reply = bdecode(payload)
+    if not isinstance(reply, dict):
+        raise NgError("reply is not a dictionary")
+    if reply.get("result") == b"error":
+        reason = reply.get("error-reason", b"")
+        raise NgError(f"rtpengine error: {reason.decode() if isinstance(reason, bytes) else reason}")
+    return reply
+
+
+def ping(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        return command(host, port, {"command": "ping"}, timeout).get("result") == b"pong"
+    except (NgError, OSError):
+        return False
+
+
+def list_calls(host: str, port: int) -> list[str]:
+    """Call-IDs of every session rtpengine holds."""
+    reply = command(host, port, {"command": "list", "limit": 1000})
+    calls = reply.get("calls", [])
+    if not isinstance(calls, list):
+        raise NgError("'calls' is not a list")
+    return [c.decode() for c in calls if isinstance(c, bytes)]
