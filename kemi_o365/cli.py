@@ -47,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         sbc = policy.sbc
         print(
             f"kemi-o365 running: CUCM side {sbc.internal.address}:{sbc.internal.port} "
-            f"({'/'.join(sbc.internal.transports)}), Microsoft side tls:{sbc.external.address}:{sbc.external.port} "
+            f"({'/'.join(sbc.internal.transports)}), "
+            f"Microsoft side tls:{sbc.external.address}:{sbc.external.port} "
             f"as {sbc.fqdn}; logs in {rundir}. Ctrl-C stops.",
             flush=True,
         )
@@ -83,7 +84,8 @@ def load_policy_for_certs(path: Path) -> int:
     ms = data["microsoft"]["proxies"][0]["fqdn"]
     pki = make_lab_pki(cert.parent, data["sbc"]["fqdn"], ms)
     print(
-        f"lab PKI in {pki.dir}: CA {pki.ca_cert.name}, SBC {pki.sbc_cert.name}, Microsoft peer {pki.ms_cert.name}"
+        f"lab PKI in {pki.dir}: CA {pki.ca_cert.name}, SBC {pki.sbc_cert.name}, "
+        f"Microsoft peer {pki.ms_cert.name}"
     )
     return EXIT_OK
 

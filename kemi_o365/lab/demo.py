@@ -48,7 +48,11 @@ class CallOutcome:
 
     def answer_at_cucm(self) -> SipMessage | None:
         return next(
-            (m for m in self.sipp.received() if not m.is_request and m.status == 200 and m.method == "INVITE"),
+            (
+                m
+                for m in self.sipp.received()
+                if not m.is_request and m.status == 200 and m.method == "INVITE"
+            ),
             None,
         )
 
@@ -105,7 +109,9 @@ def wait_rtpengine_empty(policy: Policy, timeout: float = 3.0) -> list[str]:
     return calls
 
 
-def place_seed_call(policy: Policy, peer: MicrosoftPeer, workdir: Path, scenario: str = "seed-call") -> CallOutcome:
+def place_seed_call(
+    policy: Policy, peer: MicrosoftPeer, workdir: Path, scenario: str = "seed-call"
+) -> CallOutcome:
     """Run one SIPp call from 'CUCM' through the running SBC to the Microsoft peer."""
     internal = policy.sbc.internal
     before = len(peer.received)
@@ -125,7 +131,9 @@ def place_seed_call(policy: Policy, peer: MicrosoftPeer, workdir: Path, scenario
         policy=policy,
         sipp=result,
         at_microsoft=[(r.wall, r.msg) for r in received],
-        from_microsoft=[(s.wall, s.msg) for s in peer.sent if s.wall >= (received[0].wall if received else 0)],
+        from_microsoft=[
+            (s.wall, s.msg) for s in peer.sent if s.wall >= (received[0].wall if received else 0)
+        ],
         rtpengine_left=left,
         tls_client_cn=received[0].conn.cert_cn if received else None,
     )
@@ -141,7 +149,9 @@ def verdict_problems(o: CallOutcome) -> list[str]:
     if invite is None:
         problems.append("no INVITE reached Microsoft")
     else:
-        problems += invite_to_microsoft_problems(invite, o.policy, {"127.0.0.1"} - {o.policy.sbc.internal.address})
+        problems += invite_to_microsoft_problems(
+            invite, o.policy, {"127.0.0.1"} - {o.policy.sbc.internal.address}
+        )
     if o.tls_client_cn != o.policy.sbc.fqdn:
         problems.append(f"TLS client certificate CN {o.tls_client_cn!r}, expected {o.policy.sbc.fqdn}")
     answer = o.answer_at_cucm()
@@ -161,7 +171,9 @@ def verdict_problems(o: CallOutcome) -> list[str]:
 def ladder_events(o: CallOutcome) -> list[LadderEvent]:
     cucm, sbc, ms = COLUMNS
     events = [
-        LadderEvent(t.at, cucm, sbc, describe(t.msg)) if t.direction == "sent" else LadderEvent(t.at, sbc, cucm, describe(t.msg))
+        LadderEvent(t.at, cucm, sbc, describe(t.msg))
+        if t.direction == "sent"
+        else LadderEvent(t.at, sbc, cucm, describe(t.msg))
         for t in o.sipp.messages
     ]
     events += [LadderEvent(at, sbc, ms, describe(m)) for at, m in o.at_microsoft]
@@ -174,7 +186,10 @@ def run_demo(*, keep: bool = False) -> int:
     try:
         print("[1/4] lab: policy kemi_o365/data/lab.yaml, throwaway CA and certificates", flush=True)
         policy = prepare_lab(root)
-        print("[2/4] starting rtpengine and Kamailio (app_python3 + kemi_o365) and the Microsoft TLS peer", flush=True)
+        print(
+            "[2/4] starting rtpengine and Kamailio (app_python3 + kemi_o365) and the Microsoft TLS peer",
+            flush=True,
+        )
         with microsoft_peer(policy, root / "pki") as peer, Stack(policy, RunDir(root / "run")):
             print("[3/4] placing the seed call: CUCM -> SBC -> Microsoft (INVITE, 200, ACK, BYE)", flush=True)
             outcome = place_seed_call(policy, peer, root / "sipp")
@@ -204,8 +219,13 @@ def _print_facts(o: CallOutcome) -> None:
     invite, answer = o.invite_at_microsoft(), o.answer_at_cucm()
     if invite is not None:
         audio = next((ln for ln in invite.sdp_lines if ln.startswith("m=audio")), "-")
-        crypto = next((ln.split(" inline:")[0] for ln in invite.sdp_lines if ln.startswith("a=crypto")), "none")
-        print(f"  INVITE at Microsoft: To {invite.get('To')}; {audio}; {crypto}; TLS client CN {o.tls_client_cn}")
+        crypto = next(
+            (ln.split(" inline:")[0] for ln in invite.sdp_lines if ln.startswith("a=crypto")), "none"
+        )
+        print(
+            f"  INVITE at Microsoft: To {invite.get('To')}; {audio}; {crypto}; "
+            f"TLS client CN {o.tls_client_cn}"
+        )
     if answer is not None:
         audio = next((ln for ln in answer.sdp_lines if ln.startswith("m=audio")), "-")
         conn = next((ln for ln in answer.sdp_lines if ln.startswith("c=")), "-")

@@ -52,10 +52,18 @@ class _Reader:
         self.source = source
         self.base = source.absolute().parent
         self.problems: list[Problem] = []
+        self.key_lines: dict[str, int] = {}
+        """Line of each known key seen, by dotted path: where a problem about its value points."""
 
     def problem(self, node: Node | None, key: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 0
+        self.problem_at(node.start_mark.line + 1 if node is not None else 0, key, message)
+
+    def problem_at(self, line: int, key: str, message: str) -> None:
         self.problems.append(Problem(str(self.source), line, key, message))
+
+    def line_of(self, *keys: str) -> int:
+        """Line of the first of `keys` present in the file (most precise first), else 0."""
+        return next((self.key_lines[k] for k in keys if k in self.key_lines), 0)
 
     def mapping(self, node: Node | None, key: str, allowed: dict[str, bool]) -> dict[str, Node]:
         """Children of a mapping; `allowed` maps each known key to whether it is required."""
@@ -65,22 +73,26 @@ class _Reader:
             self.problem(node, key, f"expected a mapping, got {_kind(node)}")
             return {}
         out: dict[str, Node] = {}
+        first: dict[str, int] = {}
         for knode, vnode in node.value:
             name = str(knode.value)
             path = f"{key}.{name}" if key else name
-            if name in out:
-                first = out[name].start_mark.line + 1
-                self.problem(knode, path, f"duplicate key (first at line {first})")
+            if name in first:
+                self.problem(knode, path, f"duplicate key (first at line {first[name]})")
                 continue
+            first[name] = knode.start_mark.line + 1
             if name not in allowed:
                 hint = difflib.get_close_matches(name, allowed, n=1)
                 tip = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(allowed)}"
                 self.problem(knode, path, f"unknown key{tip}")
                 continue
             out[name] = vnode
+            self.key_lines[path] = first[name]
+        # A missing key is reported at its parent's key (`sbc:`), not at whichever sibling comes first.
+        parent_line = self.key_lines.get(key, node.start_mark.line + 1)
         for name, required in allowed.items():
             if required and name not in out:
-                self.problem(node, f"{key}.{name}" if key else name, "missing required key")
+                self.problem_at(parent_line, f"{key}.{name}" if key else name, "missing required key")
         return out
 
     def field(self, node: Node | None, key: str, convert: Callable[[Node], T], default: T) -> T:
@@ -118,6 +130,8 @@ def _kind(node: Node) -> str:
         return "a mapping"
     if isinstance(node, SequenceNode):
         return "a list"
+    if node.tag == "tag:yaml.org,2002:null":
+        return "an empty value"
     return repr(node.value)
 
 
@@ -145,6 +159,13 @@ def _integer(node: Node, low: int, high: int) -> int:
     if not low <= value <= high:
         raise _Invalid(f"must be between {low} and {high}, got {value}")
     return value
+
+
+def _version(node: Node) -> int:
+    value = _scalar(node)
+    if isinstance(value, bool) or not isinstance(value, int) or value != 1:
+        raise _Invalid(f"unsupported policy version {value!r}; this kemi-o365 reads version 1")
+    return 1
 
 
 def _port(node: Node) -> int:
@@ -265,9 +286,19 @@ def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
         port_min=r.field(m.get("port_min"), "rtpengine.port_min", lambda n: _integer(n, 1024, 65535), 30000),
         port_max=r.field(m.get("port_max"), "rtpengine.port_max", lambda n: _integer(n, 1024, 65535), 40000),
     )
-    if rtp.port_max - rtp.port_min < 3:
+    if rtp.port_min > rtp.port_max:
+        r.problem(
+            m.get("port_min") or m.get("port_max"),
+            "rtpengine.port_min",
+            f"greater than port_max ({rtp.port_min} > {rtp.port_max})",
+        )
+    elif rtp.port_max - rtp.port_min < 3:
         # rtpengine needs RTP+RTCP on each side: 4 ports for one call.
-        r.problem(m.get("port_max"), "rtpengine.port_max", "the range must hold at least 4 ports (one call)")
+        r.problem(
+            m.get("port_max") or m.get("port_min"),
+            "rtpengine.port_max",
+            "the range must hold at least 4 ports (one call)",
+        )
     return rtp
 
 
@@ -348,26 +379,22 @@ def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
     )
 
 
-def _cross_checks(r: _Reader, policy: Policy, top: dict[str, Node]) -> None:
+def _cross_checks(r: _Reader, policy: Policy) -> None:
     sbc = policy.sbc
     if sbc.internal.address == sbc.external.address and sbc.internal.port == sbc.external.port:
-        r.problem(
-            top.get("sbc"),
+        r.problem_at(
+            r.line_of("sbc.external.port", "sbc.external.address"),
             "sbc.external.port",
             "the internal and external listeners use the same address and port",
         )
     rtp = policy.rtpengine
-    if rtp.port_min > rtp.port_max:
-        r.problem(
-            top.get("rtpengine"),
-            "rtpengine.port_min",
-            f"greater than port_max ({rtp.port_min} > {rtp.port_max})",
-        )
     sip_ports = {sbc.internal.port, sbc.external.port}
     clash = sorted(p for p in sip_ports if rtp.port_min <= p <= rtp.port_max)
     if clash:
-        r.problem(
-            top.get("rtpengine"), "rtpengine.port_min", f"media port range overlaps SIP port {clash[0]}"
+        r.problem_at(
+            r.line_of("rtpengine.port_min", "rtpengine"),
+            "rtpengine.port_min",
+            f"media port range overlaps SIP port {clash[0]}",
         )
 
 
@@ -378,9 +405,11 @@ def _parse_errors(source: Path) -> Iterator[None]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
-        raise PolicyError(
-            [Problem(str(source), line, "", f"YAML syntax error: {exc.problem or exc}")]
-        ) from exc
+        message = f"YAML syntax error: {exc.problem or exc}"
+        if exc.context and exc.context_mark and exc.problem_mark:
+            # The problem is often found lines after its cause (an unclosed bracket or quote).
+            message += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+        raise PolicyError([Problem(str(source), line, "", message)]) from exc
 
 
 def parse_policy(text: str, source: Path) -> Policy:
@@ -395,7 +424,7 @@ def parse_policy(text: str, source: Path) -> Policy:
         "",
         {"version": True, "sbc": True, "rtpengine": True, "cucm": True, "microsoft": True, "kamailio": False},
     )
-    version = r.field(top.get("version"), "version", lambda n: _integer(n, 1, 1), 1)
+    version = r.field(top.get("version"), "version", _version, 1)
     policy = Policy(
         source=source.absolute(),
         sbc=_sbc(r, top.get("sbc")),
@@ -406,9 +435,10 @@ def parse_policy(text: str, source: Path) -> Policy:
     )
     del version  # only one schema version exists; the key is required so the next one can be told apart
     if not r.problems:
-        _cross_checks(r, policy, top)
+        _cross_checks(r, policy)
     if r.problems:
-        raise PolicyError(r.problems)
+        # Checked section by section; reported in file order, as the operator reads the file.
+        raise PolicyError(sorted(r.problems, key=lambda p: p.line))
     return policy
 
 

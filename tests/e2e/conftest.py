@@ -1,0 +1,91 @@
+"""The real stack for end-to-end tests: Kamailio + rtpengine + the Microsoft TLS peer, own ports per test.
+
+Every process a test starts is stopped by the fixture (by PID); a missing binary or package makes the
+test fail, never skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kemi_o365.lab.demo import LAB_POLICY, microsoft_peer, prepare_lab
+from kemi_o365.lab.ms_peer import MicrosoftPeer
+from kemi_o365.launch import RunDir, Stack
+from kemi_o365.policy.model import Policy
+
+_windows = itertools.count()
+
+
+def _free(ip: str, kind: socket.SocketKind) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def _free_both(ip: str) -> int:
+    """A port free for UDP and TCP at once (the CUCM listener opens both)."""
+    for _ in range(50):
+        port = _free(ip, socket.SOCK_STREAM)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((ip, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
+def media_window() -> tuple[int, int]:
+    """A 40-port rtpengine range of its own for each start, below the kernel's ephemeral ports."""
+    base = 21000 + ((os.getpid() * 7 + next(_windows) * 40 + random.randrange(0, 40) * 40) % 8000)
+    return base, base + 39
+
+
+def lab_policy_data(**overrides: Any) -> dict[str, Any]:
+    """The shipped lab policy with fresh ports for one test; `overrides` replace top-level sections."""
+    data: dict[str, Any] = yaml.safe_load(LAB_POLICY.read_text())
+    data["sbc"]["internal"]["port"] = _free_both("127.0.0.1")
+    data["sbc"]["external"]["port"] = _free("127.0.0.2", socket.SOCK_STREAM)
+    data["microsoft"]["proxies"][0]["port"] = _free("127.0.0.3", socket.SOCK_STREAM)
+    data["rtpengine"]["control"]["port"] = _free("127.0.0.1", socket.SOCK_DGRAM)
+    data["rtpengine"]["port_min"], data["rtpengine"]["port_max"] = media_window()
+    data.update(overrides)
+    return data
+
+
+@dataclass
+class Lab:
+    root: Path
+    policy: Policy
+    peer: MicrosoftPeer
+    stack: Stack
+
+    @property
+    def cucm_target(self) -> str:
+        internal = self.policy.sbc.internal
+        return f"{internal.address}:{internal.port}"
+
+
+def start_lab(root: Path, data: dict[str, Any]) -> tuple[Policy, Path]:
+    policy = prepare_lab(root, yaml.safe_dump(data, sort_keys=False))
+    return policy, root / "pki"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    policy, pki = start_lab(tmp_path, lab_policy_data())
+    with microsoft_peer(policy, pki) as peer, Stack(policy, RunDir(tmp_path / "run")) as stack:
+        yield Lab(tmp_path, policy, peer, stack)
+        procs = dict(stack.procs)
+    for name, proc in procs.items():
+        assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running after the test"

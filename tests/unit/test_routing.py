@@ -1,0 +1,379 @@
+"""routing.decide and routing.on_reply: message facts plus the lab policy in, one decision out."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kemi_o365 import routing
+from kemi_o365.decision import (
+    Decision,
+    Drop,
+    Media,
+    MediaAction,
+    RelayCancel,
+    RelayInDialog,
+    RelayToMicrosoft,
+    ReplyAction,
+    Respond,
+)
+from kemi_o365.media import (
+    DEFAULT_ANSWER_TO_CUCM,
+    DEFAULT_ANSWER_TO_MICROSOFT,
+    DEFAULT_OFFER_TO_CUCM,
+    DEFAULT_OFFER_TO_MICROSOFT,
+    OTHER_SDES_SUITES,
+    flag_string,
+)
+from kemi_o365.policy.model import Policy, Transport
+from kemi_o365.request import Method, Reply, Request, Side
+from tests.helpers import lab_policy
+
+MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
+TO_URI = f"sip:87000@{MS_FQDN}"
+SBC_FQDN = "sbc-o365.example.com"
+
+# What CUCM offers (seed 000): plain RTP/AVP.
+CUCM_SDP = (
+    "v=0\r\no=CiscoSystemsCCM-SIP 94213 1 IN IP4 127.0.0.1\r\ns=SIP Call\r\nc=IN IP4 127.0.0.1\r\n"
+    "t=0 0\r\nm=audio 31182 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+
+# Microsoft's SDP: SRTP, plus the media-level c= line private to its network (seed 000).
+MS_SDP = (
+    "v=0\r\no=- 85 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
+    "m=audio 54532 RTP/SAVP 0 101\r\nc=IN IP4 127.0.0.25\r\na=rtpmap:0 PCMU/8000\r\n"
+    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:FHoHEZk7wM6b/frTeX+fzQ/K0PtuAvfIzRqjol9K\r\n"
+)
+# The same body once the policy's strip_answer_prefixes removed the private c= line, byte for byte.
+MS_SDP_STRIPPED = (
+    "v=0\r\no=- 85 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
+    "m=audio 54532 RTP/SAVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:FHoHEZk7wM6b/frTeX+fzQ/K0PtuAvfIzRqjol9K\r\n"
+)
+
+DELETE = Media(MediaAction.DELETE)
+DELAYED_OFFER = Respond(488, "Not Acceptable Here (delayed offer: enable early offer on the CUCM trunk)")
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    return lab_policy(tmp_path_factory.mktemp("policy"))
+
+
+def request(**changes: object) -> Request:
+    """The seed's initial INVITE from CUCM over TCP; `changes` override single facts."""
+    base = Request(
+        method=Method.INVITE,
+        ruri_user="87000",
+        ruri_host="pstn-o365.example.com",
+        source_ip="127.0.0.1",
+        source_port=26012,
+        transport=Transport.TCP,
+        side=Side.CUCM,
+        to_tag=False,
+        has_sdp=True,
+        sdp=CUCM_SDP,
+        max_forwards=70,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def in_dialog(method: Method, side: Side, **changes: object) -> Request:
+    facts: dict[str, object] = {
+        "method": method,
+        "side": side,
+        "to_tag": True,
+        "routed_to_us": True,
+        "has_sdp": False,
+        "sdp": "",
+        "ruri_user": "87000",
+        "ruri_host": MS_FQDN if side is Side.CUCM else "127.0.0.1",
+        "source_ip": "127.0.0.1" if side is Side.CUCM else "127.0.0.3",
+        "transport": Transport.TCP if side is Side.CUCM else Transport.TLS,
+    }
+    facts.update(changes)
+    return request(**facts)
+
+
+# --- the initial INVITE from CUCM ------------------------------------------------------------------
+
+
+def test_policy_uses_the_default_flag_sets(policy: Policy) -> None:
+    # lab.yaml names no flags, so the tests below can spell the expected flags from media.py.
+    assert policy.microsoft.offer_flags == DEFAULT_OFFER_TO_MICROSOFT
+    assert policy.microsoft.answer_flags == DEFAULT_ANSWER_TO_CUCM
+
+
+@pytest.mark.parametrize(
+    ("transport", "inbound_rr"),
+    [
+        (Transport.TCP, "127.0.0.1:5060;transport=tcp;r2=on"),
+        (Transport.UDP, "127.0.0.1:5060;r2=on"),
+    ],
+)
+def test_invite_from_cucm_is_relayed_to_microsoft(
+    policy: Policy, transport: Transport, inbound_rr: str
+) -> None:
+    decision = routing.decide(request(transport=transport), policy)
+    assert decision == RelayToMicrosoft(
+        request_uri=f"sip:87000@{MS_FQDN}:5061;transport=tls",
+        destination="sip:127.0.0.3:5061;transport=tls",
+        to_uri=TO_URI,
+        send_socket="tls:127.0.0.2:5061",
+        advertised_host=SBC_FQDN,
+        advertised_port=5061,
+        record_route_outbound=f"{SBC_FQDN}:5061;transport=tls;r2=on",
+        record_route_inbound=inbound_rr,
+        media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
+    )
+
+
+@pytest.mark.parametrize("host", ["pstn-o365.example.com", "pstn2-o365.example.com", "PSTN-O365.Example.COM"])
+def test_every_host_matching_the_srv_pattern_goes_to_microsoft(policy: Policy, host: str) -> None:
+    assert isinstance(routing.decide(request(ruri_host=host), policy), RelayToMicrosoft)
+
+
+def test_offer_toward_microsoft_makes_srtp_without_ice_dtls_or_rtcp_mux(policy: Policy) -> None:
+    decision = routing.decide(request(), policy)
+    assert isinstance(decision, RelayToMicrosoft)
+    assert decision.media.action is MediaAction.OFFER
+    assert decision.media.sdp is None  # rtpengine reads CUCM's body unchanged
+    flags = decision.media.flags.split(" ")
+    for flag in ("RTP/SAVP", "ICE=remove", "DTLS=off", "rtcp-mux-demux"):
+        assert flag in flags
+    # Both directions in this order: rtpengine takes the first as the offerer's interface.
+    assert flags.index("direction=internal") + 1 == flags.index("direction=external")
+    # Only AES_CM_128_HMAC_SHA1_80 is offered: every other suite is excluded, that one never.
+    assert "SDES-no-AES_CM_128_HMAC_SHA1_80" not in flags
+    assert {f"SDES-no-{suite}" for suite in OTHER_SDES_SUITES} <= set(flags)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    req: Request
+    want: Decision
+
+
+CASES = [
+    Case("host not matching", request(ruri_host="other.example.com"), Respond(404, "Not Found")),
+    # The pattern must match the whole host (fullmatch), not a prefix of an attacker's name.
+    Case("host with suffix", request(ruri_host="pstn-o365.example.com.evil.net"), Respond(404, "Not Found")),
+    Case("host with prefix", request(ruri_host="xpstn-o365.example.com"), Respond(404, "Not Found")),
+    Case("delayed offer", request(has_sdp=False, sdp=""), DELAYED_OFFER),
+    Case("source outside cucm.sources", request(source_ip="10.1.2.3"), Respond(403, "Forbidden")),
+    Case("unparsable source", request(source_ip="not-an-ip"), Respond(403, "Forbidden")),
+    Case("unknown side", request(side=Side.UNKNOWN), Respond(403, "Forbidden")),
+    Case(
+        "unknown side OPTIONS", request(side=Side.UNKNOWN, method=Method.OPTIONS), Respond(403, "Forbidden")
+    ),
+    Case("max-forwards 0", request(max_forwards=0), Respond(483, "Too Many Hops")),
+    Case(
+        "max-forwards 0 in dialog",
+        in_dialog(Method.BYE, Side.MICROSOFT, max_forwards=0),
+        Respond(483, "Too Many Hops"),
+    ),
+    Case("max-forwards 0 OPTIONS", request(method=Method.OPTIONS, max_forwards=0), Respond(200, "OK")),
+    # Max-Forwards 1 is still forwardable: the request goes on to the next check (here: no SDP -> 488).
+    Case("max-forwards 1", request(max_forwards=1, has_sdp=False, sdp=""), DELAYED_OFFER),
+    Case("max-forwards absent", request(max_forwards=None, has_sdp=False, sdp=""), DELAYED_OFFER),
+    Case("OPTIONS from CUCM", request(method=Method.OPTIONS, has_sdp=False, sdp=""), Respond(200, "OK")),
+    Case(
+        "OPTIONS from Microsoft",
+        request(method=Method.OPTIONS, side=Side.MICROSOFT, source_ip="127.0.0.3", transport=Transport.TLS),
+        Respond(200, "OK"),
+    ),
+    Case("CANCEL from CUCM", request(method=Method.CANCEL, has_sdp=False, sdp=""), RelayCancel(DELETE)),
+    Case(
+        "initial INVITE from Microsoft",
+        request(side=Side.MICROSOFT, source_ip="127.0.0.3", transport=Transport.TLS),
+        Respond(404, "Not Found"),
+    ),
+    Case(
+        "ACK outside dialog",
+        request(method=Method.ACK, has_sdp=False, sdp=""),
+        Drop("ACK outside any dialog"),
+    ),
+    Case("REGISTER", request(method=Method.REGISTER, has_sdp=False, sdp=""), Respond(404, "Not Found")),
+    Case(
+        "in-dialog ACK not routed to us",
+        in_dialog(Method.ACK, Side.CUCM, routed_to_us=False),
+        Drop("ACK with no Route to this SBC"),
+    ),
+    Case(
+        "in-dialog BYE not routed to us",
+        in_dialog(Method.BYE, Side.CUCM, routed_to_us=False),
+        Respond(404, "Not Here"),
+    ),
+    Case(
+        "in-dialog re-INVITE not routed to us",
+        in_dialog(Method.INVITE, Side.MICROSOFT, routed_to_us=False, has_sdp=True, sdp=MS_SDP),
+        Respond(404, "Not Here"),
+    ),
+    Case(
+        "BYE from CUCM",
+        in_dialog(Method.BYE, Side.CUCM),
+        RelayInDialog(
+            media=DELETE, destination="sip:127.0.0.3:5061;transport=tls", advertise=(SBC_FQDN, 5061)
+        ),
+    ),
+    Case(
+        "BYE from CUCM to an unpinned host",
+        in_dialog(Method.BYE, Side.CUCM, ruri_host="sip.other.example.net"),
+        RelayInDialog(media=DELETE, destination=None, advertise=(SBC_FQDN, 5061)),
+    ),
+    Case("BYE from Microsoft", in_dialog(Method.BYE, Side.MICROSOFT), RelayInDialog(DELETE, None, None)),
+    Case(
+        "re-INVITE from CUCM",
+        in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=CUCM_SDP),
+        RelayInDialog(
+            media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
+            destination="sip:127.0.0.3:5061;transport=tls",
+            advertise=(SBC_FQDN, 5061),
+        ),
+    ),
+    Case(
+        "re-INVITE from Microsoft",
+        in_dialog(Method.INVITE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP),
+        RelayInDialog(
+            media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED),
+            destination=None,
+            advertise=None,
+        ),
+    ),
+    Case(
+        "UPDATE with SDP from Microsoft",
+        in_dialog(Method.UPDATE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP),
+        RelayInDialog(
+            Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED), None, None
+        ),
+    ),
+    Case(
+        "re-INVITE without SDP from Microsoft",
+        in_dialog(Method.INVITE, Side.MICROSOFT),
+        RelayInDialog(media=None, destination=None, advertise=None),
+    ),
+    Case(
+        "ACK with SDP from CUCM (answer to a delayed-offer re-INVITE)",
+        in_dialog(Method.ACK, Side.CUCM, has_sdp=True, sdp=CUCM_SDP),
+        RelayInDialog(
+            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)),
+            "sip:127.0.0.3:5061;transport=tls",
+            (SBC_FQDN, 5061),
+        ),
+    ),
+    Case(
+        "INFO from Microsoft",
+        in_dialog(Method.INFO, Side.MICROSOFT, has_sdp=False),
+        RelayInDialog(media=None, destination=None, advertise=None),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_decide(policy: Policy, case: Case) -> None:
+    assert routing.decide(case.req, policy) == case.want
+
+
+def test_reinvite_from_microsoft_hands_rtpengine_the_stripped_sdp(policy: Policy) -> None:
+    decision = routing.decide(in_dialog(Method.INVITE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP), policy)
+    assert isinstance(decision, RelayInDialog)
+    assert decision.media is not None
+    assert decision.media.sdp == MS_SDP_STRIPPED
+    assert "c=IN IP4 127.0.0.25" not in decision.media.sdp
+    flags = decision.media.flags.split(" ")
+    assert "RTP/AVP" in flags
+    assert "RTP/SAVP" not in flags
+
+
+# --- replies ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplyCase:
+    name: str
+    reply: Reply
+    initial: bool
+    want: ReplyAction
+
+
+def ms_reply(status: int, method: Method = Method.INVITE, sdp: str = "") -> Reply:
+    return Reply(status=status, cseq_method=method, side=Side.MICROSOFT, has_sdp=bool(sdp), sdp=sdp)
+
+
+def cucm_reply(status: int, method: Method = Method.INVITE, sdp: str = "") -> Reply:
+    return Reply(status=status, cseq_method=method, side=Side.CUCM, has_sdp=bool(sdp), sdp=sdp)
+
+
+ANSWER_TO_CUCM = Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_CUCM), MS_SDP_STRIPPED)
+NOTHING = ReplyAction(None)
+
+REPLY_CASES = [
+    ReplyCase("200 with SDP from Microsoft", ms_reply(200, sdp=MS_SDP), True, ReplyAction(ANSWER_TO_CUCM)),
+    ReplyCase("183 with SDP from Microsoft", ms_reply(183, sdp=MS_SDP), True, ReplyAction(ANSWER_TO_CUCM)),
+    ReplyCase("200 with SDP to a re-INVITE", ms_reply(200, sdp=MS_SDP), False, ReplyAction(ANSWER_TO_CUCM)),
+    ReplyCase("100 Trying", ms_reply(100), True, NOTHING),
+    ReplyCase("180 without SDP", ms_reply(180), True, NOTHING),
+    ReplyCase("200 without SDP", ms_reply(200), True, NOTHING),
+    ReplyCase("486 to the initial INVITE", ms_reply(486), True, ReplyAction(DELETE)),
+    ReplyCase("488 to the initial INVITE", ms_reply(488, sdp=MS_SDP), True, ReplyAction(DELETE)),
+    # A refused re-INVITE leaves the call up: its media session must survive.
+    ReplyCase("488 to a re-INVITE", ms_reply(488), False, NOTHING),
+    ReplyCase("491 to a re-INVITE from CUCM", cucm_reply(491), False, NOTHING),
+    ReplyCase("200 to BYE", ms_reply(200, Method.BYE), False, NOTHING),
+    ReplyCase("200 to BYE from CUCM", cucm_reply(200, Method.BYE), False, NOTHING),
+    ReplyCase("481 to BYE", ms_reply(481, Method.BYE), False, NOTHING),
+    ReplyCase("200 to CANCEL", ms_reply(200, Method.CANCEL), True, NOTHING),
+    ReplyCase("500 to UPDATE", ms_reply(500, Method.UPDATE), False, NOTHING),
+    ReplyCase(
+        "200 with SDP from CUCM (answer to a Microsoft re-INVITE)",
+        cucm_reply(200, sdp=CUCM_SDP),
+        False,
+        ReplyAction(Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT))),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", REPLY_CASES, ids=[c.name for c in REPLY_CASES])
+def test_on_reply(policy: Policy, case: ReplyCase) -> None:
+    assert routing.on_reply(case.reply, policy, initial=case.initial) == case.want
+
+
+def test_answer_sdp_keeps_crlf_line_endings(policy: Policy) -> None:
+    action = routing.on_reply(ms_reply(200, sdp=MS_SDP), policy, initial=True)
+    assert action.media is not None
+    assert action.media.sdp == MS_SDP_STRIPPED
+    assert action.media.sdp.endswith("\r\n")
+    assert "\n" not in action.media.sdp.replace("\r\n", "")
+
+
+def test_answer_sdp_with_lf_only_line_endings(policy: Policy) -> None:
+    lf = MS_SDP.replace("\r\n", "\n")
+    action = routing.on_reply(ms_reply(200, sdp=lf), policy, initial=True)
+    assert action.media is not None
+    assert action.media.sdp == MS_SDP_STRIPPED.replace("\r\n", "\n")
+
+
+# --- the pure-core rule -----------------------------------------------------------------------------
+
+FORBIDDEN_IMPORTS = {"KSR", "socket", "os", "time", "logging"}
+
+
+def test_routing_is_pure() -> None:
+    source = Path(routing.__file__).read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported, "no imports found: the parse is wrong"
+    assert not imported & FORBIDDEN_IMPORTS, f"routing.py imports {sorted(imported & FORBIDDEN_IMPORTS)}"
+    # No dynamic imports either.
+    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    assert not names & {"__import__", "open", "print", "importlib"}
