@@ -65,6 +65,8 @@ class RelayInDialog:
     """Next hop when the Request-URI names a pinned Microsoft proxy; None: route by the URI."""
     advertise: tuple[str, int] | None
     """Toward Microsoft, Via carries the SBC FQDN and port as Record-Route did."""
+    late_offer: bool = False
+    """A re-INVITE without SDP: the offer comes in the 2xx and the answer in the ACK."""
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,18 @@ class Kamailio:
     def ksr_onreply_in_dialog(self, msg: object) -> int:
         return self._guarded("reply", lambda: self._reply(initial=False))
 
+    def ksr_onreply_late_offer(self, msg: object) -> int:
+        return self._guarded("reply", lambda: self._reply(initial=False, late_offer=True))
+
     def _request(self) -> None:
         if not adapter.passes_sanity():
             return
         request = adapter.read_request(self.policy)
         adapter.apply(routing.decide(request, self.policy))
 
-    def _reply(self, *, initial: bool) -> None:
+    def _reply(self, *, initial: bool, late_offer: bool = False) -> None:
         reply = adapter.read_reply(self.policy)
-        adapter.apply_reply(routing.on_reply(reply, self.policy, initial=initial))
+        adapter.apply_reply(routing.on_reply(reply, self.policy, initial=initial, late_offer=late_offer))
 
     def _guarded(self, what: str, work: Callable[[], None]) -> int:
         try:

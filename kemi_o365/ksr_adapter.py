@@ -33,6 +33,7 @@ SDP_PV = "$var(kemi_o365_sdp)"
 # test can check each names a real method (a typo is silent in Kamailio 5.6).
 ONREPLY_INITIAL = "ksr_onreply_initial"
 ONREPLY_IN_DIALOG = "ksr_onreply_in_dialog"
+ONREPLY_LATE_OFFER = "ksr_onreply_late_offer"
 
 # sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
 # parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
@@ -54,6 +55,12 @@ def _ok(rc: int, what: str) -> int:
     if rc < 0:
         raise KsrError(f"{what} failed (rc={rc})")
     return rc
+
+
+def _true(ok: bool, what: str) -> None:
+    """Core KEMI functions such as seturi return a Python bool, False on failure."""
+    if not ok:
+        raise KsrError(f"{what} failed")
 
 
 def side_of(local_ip: str, local_port: int, policy: Policy) -> Side:
@@ -177,8 +184,8 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
         raise
     _ok(KSR.rr.record_route_preset(d.record_route_outbound, d.record_route_inbound), "record_route_preset")
     _ok(KSR.uac.uac_replace_to_uri(d.to_uri), "uac_replace_to_uri")
-    _ok(KSR.seturi(d.request_uri), "seturi")
-    _ok(KSR.setdsturi(d.destination), "setdsturi")
+    _true(KSR.seturi(d.request_uri), "seturi")
+    _true(KSR.setdsturi(d.destination), "setdsturi")
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
     # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
     _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
@@ -190,22 +197,30 @@ def _relay_in_dialog(d: RelayInDialog) -> None:
     if KSR.is_ACK():
         if d.media is not None:
             run_media(d.media)
-        if d.destination:
-            _ok(KSR.setdsturi(d.destination), "setdsturi")
-        if d.advertise is not None:
-            _advertise(d.advertise)
+        _next_hop(d)
         KSR.tm.t_relay()
         return
     if _retransmission():
         return
     _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
     if d.media is not None:
-        run_media(d.media)
+        try:
+            run_media(d.media)
+        except MediaRelayError:
+            KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
+            raise
+    _next_hop(d)
+    if d.late_offer:
+        _relay(ONREPLY_LATE_OFFER)
+    else:
+        _relay(ONREPLY_IN_DIALOG)
+
+
+def _next_hop(d: RelayInDialog) -> None:
     if d.destination:
-        _ok(KSR.setdsturi(d.destination), "setdsturi")
+        _true(KSR.setdsturi(d.destination), "setdsturi")
     if d.advertise is not None:
         _advertise(d.advertise)
-    _relay(ONREPLY_IN_DIALOG)
 
 
 def _advertise(host_port: tuple[str, int]) -> None:

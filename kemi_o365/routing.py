@@ -39,7 +39,8 @@ def decide(req: Request, policy: Policy) -> Decision:
         return Respond(403, "Forbidden")
     # RFC 3261 §16.3 step 2: a proxy must not forward a request whose Max-Forwards is zero.
     if req.max_forwards == 0 and req.method is not Method.OPTIONS:
-        return Respond(483, "Too Many Hops")
+        # RFC 3261 §17.1.1.3: an ACK is never answered.
+        return Drop("ACK with Max-Forwards 0") if req.method is Method.ACK else Respond(483, "Too Many Hops")
     if req.method is Method.CANCEL:
         return RelayCancel(DELETE)
     if req.to_tag:
@@ -101,8 +102,9 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
         return Respond(404, "Not Here")
     toward_microsoft = req.side is Side.CUCM
     media = _in_dialog_media(req, policy, toward_microsoft)
+    late_offer = req.method is Method.INVITE and not req.has_sdp
     if not toward_microsoft:
-        return RelayInDialog(media=media, destination=None, advertise=None)
+        return RelayInDialog(media=media, destination=None, advertise=None, late_offer=late_offer)
     pinned = next(
         (p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower() and p.address), None
     )
@@ -110,6 +112,7 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
         media=media,
         destination=_destination(pinned) if pinned else None,
         advertise=(policy.sbc.fqdn, policy.sbc.external.port),
+        late_offer=late_offer,
     )
 
 
@@ -130,11 +133,12 @@ def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Me
     return None
 
 
-def on_reply(reply: Reply, policy: Policy, *, initial: bool) -> ReplyAction:
+def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = False) -> ReplyAction:
     """What to do with a response to a request we relayed.
 
     `initial` tells a response to the dialog-creating INVITE from one to a re-INVITE: a failed
-    re-INVITE leaves the call up, so its media session must survive.
+    re-INVITE leaves the call up, so its media session must survive. `late_offer` marks a re-INVITE
+    sent without SDP: its 2xx carries the offer (RFC 3264 §4 via RFC 3261 §13.2.1), answered in the ACK.
     """
     if reply.cseq_method is not Method.INVITE and reply.cseq_method is not Method.UPDATE:
         return ReplyAction(None)
@@ -143,7 +147,13 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool) -> ReplyAction:
     if reply.status < 101 or not reply.has_sdp:
         return ReplyAction(None)
     ms = policy.microsoft
-    if reply.side is Side.MICROSOFT:
+    from_microsoft = reply.side is Side.MICROSOFT
+    if late_offer:
+        if from_microsoft:
+            sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
+            return ReplyAction(Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp))
+        return ReplyAction(Media(MediaAction.OFFER, flag_string(ms.offer_flags)))
+    if from_microsoft:
         sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
         return ReplyAction(Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp))
     return ReplyAction(Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)))

@@ -2,7 +2,8 @@
 
 It records every call in order, refuses functions the real KSR does not have or calls with the wrong
 number or type of arguments (so it cannot let our code drift from Kamailio), and returns scripted
-values: `pv` for $-variables, `returns` per function name, else a neutral success value.
+values: `vars` for $-variables (read through KSR.pv.*), `headers` for KSR.hdr.*, `returns` per
+function name, else a neutral success value.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class KsrDouble(types.ModuleType):
 
     def reset(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.pv: dict[str, Any] = {}
+        self.vars: dict[str, Any] = {}
         self.headers: dict[str, str] = {}
         self.returns: dict[str, Any] = {}
 
@@ -67,14 +68,14 @@ class KsrDouble(types.ModuleType):
             value = self.returns[qualified]
             return value(*args) if callable(value) else value
         if qualified in ("pv.get", "pv.gete", "pv.geti"):
-            value = self.pv.get(args[0])
+            value = self.vars.get(args[0])
             if qualified == "pv.gete":
                 return "" if value is None else str(value)
             if qualified == "pv.geti":
                 return int(value or 0)
             return value
         if qualified == "pv.sets":
-            self.pv[args[0]] = args[1]
+            self.vars[args[0]] = args[1]
             return True
         if qualified == "hdr.gete":
             return self.headers.get(args[0], "")

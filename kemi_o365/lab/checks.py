@@ -9,8 +9,8 @@ import base64
 import binascii
 import re
 
-from kemi_o365.lab.sipmsg import SipMessage, uri_host, uri_of
 from kemi_o365.policy.model import Policy
+from kemi_o365.sipmsg import SipMessage, uri_host, uri_of
 
 ICE_ATTRIBUTES = ("a=ice-", "a=candidate", "a=remote-candidates", "a=end-of-candidates")
 _CRYPTO = re.compile(r"^a=crypto:\d+ (\S+) inline:([A-Za-z0-9+/=]+)(\|\S+)?(.*)$")

@@ -20,11 +20,11 @@ from kemi_o365.lab.certs import make_lab_pki
 from kemi_o365.lab.checks import answer_to_cucm_problems, invite_to_microsoft_problems
 from kemi_o365.lab.ladder import LadderEvent, describe, render_ladder
 from kemi_o365.lab.ms_peer import MicrosoftPeer
-from kemi_o365.lab.sipmsg import SipMessage
 from kemi_o365.lab.sipp import SippResult, free_port, run_sipp
 from kemi_o365.launch import REPO, RunDir, Stack
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy
+from kemi_o365.sipmsg import SipMessage
 
 LAB_POLICY = Path(__file__).resolve().parent.parent / "data" / "lab.yaml"
 SCENARIOS = REPO / "sipp-scenarios"

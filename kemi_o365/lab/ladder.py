@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kemi_o365.lab.sipmsg import SipMessage, uri_host
+from kemi_o365.sipmsg import SipMessage, uri_host
 
 # RFC 3551 static payload types: an SDP may name them only by number, with no a=rtpmap.
 _STATIC_PT = {"0": "PCMU", "3": "GSM", "4": "G723", "8": "PCMA", "9": "G722", "18": "G729"}

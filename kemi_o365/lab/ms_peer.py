@@ -31,7 +31,7 @@ from typing import Literal
 from cryptography import x509
 
 from kemi_o365.lab.certs import cert_cn, cert_san_dns
-from kemi_o365.lab.sipmsg import SipMessage, SipParseError, StreamReader, header_param, uri_of
+from kemi_o365.sipmsg import SipMessage, SipParseError, StreamReader, header_param, uri_of
 
 log = logging.getLogger(__name__)
 

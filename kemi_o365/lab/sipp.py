@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kemi_o365.lab.sipmsg import SipMessage, SipParseError, parse
+from kemi_o365.sipmsg import SipMessage, SipParseError, parse
 
 SIPP_BINARY = "sipp"
 

@@ -280,26 +280,33 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
 def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
     m = r.mapping(node, "rtpengine", {"control": True, "port_min": False, "port_max": False})
     ctl = r.mapping(m.get("control"), "rtpengine.control", {"address": True, "port": True})
-    rtp = Rtpengine(
+    known = len(r.problems)
+    port_min = r.field(m.get("port_min"), "rtpengine.port_min", lambda n: _integer(n, 1024, 65535), 30000)
+    port_max = r.field(m.get("port_max"), "rtpengine.port_max", lambda n: _integer(n, 1024, 65535), 40000)
+    if len(r.problems) == known:  # a wrong bound (or its default) compared with the other says nothing
+        _port_range(r, m, port_min, port_max)
+    return Rtpengine(
         control_address=r.field(ctl.get("address"), "rtpengine.control.address", _ip, "127.0.0.1"),
         control_port=r.field(ctl.get("port"), "rtpengine.control.port", _port, 22222),
-        port_min=r.field(m.get("port_min"), "rtpengine.port_min", lambda n: _integer(n, 1024, 65535), 30000),
-        port_max=r.field(m.get("port_max"), "rtpengine.port_max", lambda n: _integer(n, 1024, 65535), 40000),
+        port_min=port_min,
+        port_max=port_max,
     )
-    if rtp.port_min > rtp.port_max:
+
+
+def _port_range(r: _Reader, m: dict[str, Node], port_min: int, port_max: int) -> None:
+    if port_min > port_max:
         r.problem(
             m.get("port_min") or m.get("port_max"),
             "rtpengine.port_min",
-            f"greater than port_max ({rtp.port_min} > {rtp.port_max})",
+            f"greater than port_max ({port_min} > {port_max})",
         )
-    elif rtp.port_max - rtp.port_min < 3:
+    elif port_max - port_min < 3:
         # rtpengine needs RTP+RTCP on each side: 4 ports for one call.
         r.problem(
             m.get("port_max") or m.get("port_min"),
             "rtpengine.port_max",
             "the range must hold at least 4 ports (one call)",
         )
-    return rtp
 
 
 def _cucm(r: _Reader, node: Node | None) -> Cucm:
@@ -417,7 +424,7 @@ def parse_policy(text: str, source: Path) -> Policy:
     with _parse_errors(source):
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     r = _Reader(source)
-    if root is None:
+    if root is None or (isinstance(root, ScalarNode) and root.tag == "tag:yaml.org,2002:null"):
         raise PolicyError([Problem(str(source), 1, "", "the file is empty")])
     top = r.mapping(
         root,

@@ -10,7 +10,7 @@ import os
 import socket
 import time
 
-from kemi_o365.lab.sipmsg import SipMessage, StreamReader, parse
+from kemi_o365.sipmsg import SipMessage, StreamReader, parse
 
 
 def request(

@@ -77,3 +77,11 @@ def test_dead_rtpengine_fails_the_call_fast_with_503(lab: Lab) -> None:
     finals = [m for m in result.received() if not m.is_request and m.status >= 200]
     assert [m.status for m in finals] == [503], result.describe()
     assert not lab.peer.received, "no INVITE may reach Microsoft without a media relay"
+
+
+def test_malformed_request_gets_400_from_sanity_and_is_not_relayed(lab: Lab) -> None:
+    invite = sipclient.request("INVITE", f"sip:87000@{MS_HOST}", body="v=0\r\n")
+    invite.set("CSeq", "1 BYE")  # RFC 3261 §8.1.1.5: the CSeq method must match the request method
+    replies = sipclient.send(invite, _cucm(lab), transport="udp")
+    assert [r.status for r in replies] == [400]
+    assert not lab.peer.received

@@ -12,8 +12,8 @@ import pytest
 
 from kemi_o365 import rtpengine_ng
 from kemi_o365.lab.demo import SCENARIOS, CallOutcome, place_seed_call, wait_rtpengine_empty
-from kemi_o365.lab.sipmsg import SipMessage, header_param, uri_host, uri_of
 from kemi_o365.lab.sipp import start_sipp
+from kemi_o365.sipmsg import SipMessage, header_param, uri_host, uri_of
 from tests.e2e.conftest import Lab
 
 pytestmark = pytest.mark.e2e

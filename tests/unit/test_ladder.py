@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kemi_o365.lab.ladder import LadderEvent, describe, events_from_trace, render_ladder, sdp_summary
-from kemi_o365.lab.sipmsg import SipMessage, parse
+from kemi_o365.sipmsg import SipMessage, parse
 
 CUCM, SBC, MS = "CUCM (SIPp)", "SBC (Kamailio)", "Microsoft (TLS peer)"
 COLUMNS = [CUCM, SBC, MS]

@@ -15,7 +15,7 @@ import pytest
 
 from kemi_o365.lab.certs import LabPki, make_lab_pki, make_leaf
 from kemi_o365.lab.ms_peer import MS_TLS12_CIPHERS, MicrosoftPeer, Received, split_name_addrs, with_received
-from kemi_o365.lab.sipmsg import SipMessage, StreamReader, header_param, uri_of
+from kemi_o365.sipmsg import SipMessage, StreamReader, header_param, uri_of
 
 SBC_FQDN = "sbc-o365.example.com"
 MS_FQDN = "um.example.net"

@@ -256,7 +256,7 @@ CASES = [
     Case(
         "re-INVITE without SDP from Microsoft",
         in_dialog(Method.INVITE, Side.MICROSOFT),
-        RelayInDialog(media=None, destination=None, advertise=None),
+        RelayInDialog(media=None, destination=None, advertise=None, late_offer=True),
     ),
     Case(
         "ACK with SDP from CUCM (answer to a delayed-offer re-INVITE)",
@@ -377,3 +377,24 @@ def test_routing_is_pure() -> None:
     # No dynamic imports either.
     names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
     assert not names & {"__import__", "open", "print", "importlib"}
+
+
+# --- a re-INVITE without SDP (CUCM's mid-call delayed offer) -----------------------------------------
+
+
+def test_delayed_offer_reinvite_from_cucm_offers_in_the_200_and_answers_in_the_ack(policy: Policy) -> None:
+    # CUCM re-INVITEs mid-call without SDP (delayed offer); Microsoft then offers in its 200 OK and
+    # CUCM answers in the ACK. rtpengine must see offer (200) then answer (ACK): an answer with no
+    # offer before it is applied to the wrong exchange.
+    reinvite = routing.decide(in_dialog(Method.INVITE, Side.CUCM), policy)
+    assert isinstance(reinvite, RelayInDialog)
+    assert reinvite.late_offer  # the adapter arms the late-offer reply callback for it
+    ok = routing.on_reply(ms_reply(200, sdp=MS_SDP), policy, initial=False, late_offer=reinvite.late_offer)
+    ack = routing.decide(in_dialog(Method.ACK, Side.CUCM, has_sdp=True, sdp=CUCM_SDP), policy)
+    assert isinstance(ack, RelayInDialog)
+    steps = [m for m in (reinvite.media, ok.media, ack.media) if m is not None]
+    assert [m.action for m in steps] == [MediaAction.OFFER, MediaAction.ANSWER]
+    offer, answer = steps
+    assert offer.flags == flag_string(DEFAULT_OFFER_TO_CUCM)
+    assert offer.sdp == MS_SDP_STRIPPED
+    assert answer.flags == flag_string(DEFAULT_ANSWER_TO_MICROSOFT)

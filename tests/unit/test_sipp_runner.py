@@ -13,7 +13,6 @@ from typing import Literal
 
 import pytest
 
-from kemi_o365.lab.sipmsg import SipMessage, StreamReader, header_param, uri_of
 from kemi_o365.lab.sipp import (
     DEFAULT_KEYS,
     SippResult,
@@ -24,6 +23,7 @@ from kemi_o365.lab.sipp import (
     run_sipp,
     start_sipp,
 )
+from kemi_o365.sipmsg import SipMessage, StreamReader, header_param, uri_of
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "sipp-scenarios"
 LOOP = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""SIP messages as plain data, for the lab peers and the tests (never imported by Kamailio).
+"""SIP messages as plain data, for the lab peers, preflight and the tests (never imported by Kamailio).
 
 Rule: parsing is lenient enough to read what Kamailio, SIPp and our peers send, and strict enough
 to refuse a stream that is not SIP; it does no I/O.

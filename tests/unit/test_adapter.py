@@ -1,0 +1,635 @@
+"""The adapter and the handler object, run against the KSR double: which KSR calls, in which order.
+
+The double refuses any function, arity or argument type the installed Kamailio 5.6.3 does not have,
+so these tests also prove every call the adapter makes on these paths exists as written.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kemi_o365 import kemi, ksr_adapter
+from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT, flag_string
+from kemi_o365.policy.model import Policy
+from tests.helpers import lab_policy
+from tests.ksr_double import KsrDouble, install
+
+ROOT = Path(__file__).resolve().parents[2]
+KAMAILIO_CFG = ROOT / "kamailio" / "kamailio.cfg"
+
+MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
+SBC_FQDN = "sbc-o365.example.com"
+CALL_ID = "a1b2c3d4@127.0.0.1"
+
+CUCM_SDP = (
+    "v=0\r\no=CiscoSystemsCCM-SIP 94213 1 IN IP4 127.0.0.1\r\ns=SIP Call\r\nc=IN IP4 127.0.0.1\r\n"
+    "t=0 0\r\nm=audio 31182 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+MS_SDP = (
+    "v=0\r\no=- 85 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
+    "m=audio 54532 RTP/SAVP 0 101\r\nc=IN IP4 127.0.0.25\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+MS_SDP_STRIPPED = (
+    "v=0\r\no=- 85 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
+    "m=audio 54532 RTP/SAVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+
+# What read_request fetches from Kamailio for an initial INVITE with SDP; their order is not part of
+# the contract, their presence is.
+REQUEST_READS = Counter(
+    {
+        "pv.gete": 7,  # $Ri $rb $pr $rm $rU $rd $si ($rb: the request has a body)
+        "pv.geti": 2,  # $Rp $sp
+        "siputils.has_totag": 1,
+        "textops.has_body_type": 1,
+        "hdr.gete": 1,
+    }
+)
+
+Call = tuple[str, tuple[Any, ...]]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    return lab_policy(tmp_path_factory.mktemp("policy"))
+
+
+def _fresh(double: KsrDouble) -> KsrDouble:
+    double.reset()
+    return double
+
+
+@pytest.fixture
+def ksr() -> Iterator[KsrDouble]:
+    double = _fresh(install())
+    yield double
+    _fresh(double)
+
+
+@pytest.fixture
+def handler(policy: Policy) -> kemi.Kamailio:
+    return kemi.Kamailio(policy)
+
+
+def script_request(
+    ksr: KsrDouble,
+    method: str,
+    *,
+    side: str = "cucm",
+    sdp: str = "",
+    in_dialog: bool = False,
+    routed: bool = True,
+    ruri_user: str = "87000",
+    ruri_host: str = "pstn-o365.example.com",
+    max_forwards: str = "70",
+) -> None:
+    """A request as Kamailio would present it: $-variables, headers and module return codes."""
+    cucm = side == "cucm"
+    ksr.vars.update(
+        {
+            "$rm": method,
+            "$Ri": "127.0.0.1" if cucm else "127.0.0.2",
+            "$Rp": 5060 if cucm else 5061,
+            "$si": "127.0.0.1" if cucm else "127.0.0.3",
+            "$sp": 26012 if cucm else 40123,
+            "$pr": "tcp" if cucm else "tls",
+            "$rU": ruri_user,
+            "$rd": ruri_host,
+            "$ci": CALL_ID,
+        }
+    )
+    if sdp:
+        ksr.vars["$rb"] = sdp
+    ksr.headers["Max-Forwards"] = max_forwards
+    ksr.returns.update(
+        {
+            "siputils.has_totag": 1 if in_dialog else -1,
+            "rr.loose_route": 1 if routed else -1,
+            "textops.has_body_type": 1 if sdp else -1,
+            "is_ACK": lambda: ksr.vars["$rm"] == "ACK",
+            # A new request: no transaction exists yet (tm returns -1 for both).
+            "tmx.t_precheck_trans": -1,
+            "tm.t_check_trans": -1,
+        }
+    )
+
+
+def script_reply(ksr: KsrDouble, status: int, method: str, *, side: str, sdp: str = "") -> None:
+    microsoft = side == "microsoft"
+    ksr.vars.update(
+        {
+            "$rs": status,
+            "$rm": method,
+            "$Ri": "127.0.0.2" if microsoft else "127.0.0.1",
+            "$Rp": 5061 if microsoft else 5060,
+            "$ci": CALL_ID,
+        }
+    )
+    if sdp:
+        ksr.vars["$rb"] = sdp
+    ksr.returns["textops.has_body_type"] = 1 if sdp else -1
+
+
+def after(ksr: KsrDouble, name: str) -> list[Call]:
+    """The calls from the first call of `name` on (reads before it are checked separately)."""
+    names = ksr.names()
+    assert name in names, f"{name} never called; calls: {names}"
+    return ksr.calls[names.index(name) :]
+
+
+def actions(ksr: KsrDouble) -> list[Call]:
+    """Every call except reads of the message (pv/hdr getters and has_* tests)."""
+    reads = {
+        "pv.gete",
+        "pv.geti",
+        "hdr.gete",
+        "siputils.has_totag",
+        "textops.has_body_type",
+        "rr.loose_route",
+    }
+    return [c for c in ksr.calls if c[0] not in reads and c[0] != "sanity.sanity_check"]
+
+
+def errors(ksr: KsrDouble) -> list[str]:
+    return [str(args[0]) for name, args in ksr.calls if name == "err"]
+
+
+# --- (a) the seed INVITE from CUCM --------------------------------------------------------------------
+
+
+def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+
+    rc = handler.ksr_request_route(None)
+
+    assert rc == 1
+    assert type(rc) is int
+    names = ksr.names()
+    assert ksr.calls[0] == ("sanity.sanity_check", (17895, 7))
+    first_action = names.index("tmx.t_precheck_trans")
+    reads = Counter(names[1:first_action])
+    assert reads == REQUEST_READS, reads
+    assert "rr.loose_route" not in names  # an initial request: no Route of ours to consume
+    # The transaction checks, then everything that shapes the request, then the relay, in this order.
+    assert ksr.calls[first_action:] == [
+        ("tmx.t_precheck_trans", ()),
+        ("tm.t_check_trans", ()),
+        ("maxfwd.process_maxfwd", (70,)),
+        ("pv.gete", ("$rb",)),
+        ("pv.sets", ("$var(kemi_o365_sdp)", CUCM_SDP)),
+        ("rtpengine.rtpengine_offer", (flag_string(DEFAULT_OFFER_TO_MICROSOFT),)),
+        (
+            "rr.record_route_preset",
+            (f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;transport=tcp;r2=on"),
+        ),
+        ("uac.uac_replace_to_uri", (f"sip:87000@{MS_FQDN}",)),
+        ("seturi", (f"sip:87000@{MS_FQDN}:5061;transport=tls",)),
+        ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
+        ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
+        ("set_advertised_address", (SBC_FQDN,)),
+        ("set_advertised_port", ("5061",)),
+        ("tm.t_on_reply", ("ksr_onreply_initial",)),
+        ("tm.t_relay", ()),
+    ]
+    assert errors(ksr) == []
+
+
+def test_seed_invite_over_udp_records_a_route_without_transport(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$pr"] = "udp"
+    handler.ksr_request_route(None)
+    presets = [args for name, args in ksr.calls if name == "rr.record_route_preset"]
+    assert presets == [(f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;r2=on")]
+
+
+def test_failed_relay_answers_with_the_tm_error(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["tm.t_relay"] = -478
+    assert handler.ksr_request_route(None) == 1
+    assert ksr.names()[-2:] == ["tm.t_relay", "sl.sl_reply_error"]
+
+
+@pytest.mark.parametrize(
+    ("precheck", "check"),
+    [(1, 0), (-1, 0)],
+    ids=["being processed (precheck)", "retransmission (t_check_trans 0)"],
+)
+def test_retransmitted_invite_stops_before_rtpengine(
+    ksr: KsrDouble, handler: kemi.Kamailio, precheck: int, check: int
+) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["tmx.t_precheck_trans"] = precheck
+    ksr.returns["tm.t_check_trans"] = check
+    assert handler.ksr_request_route(None) == 1
+    assert after(ksr, "tmx.t_precheck_trans") == [("tmx.t_precheck_trans", ()), ("tm.t_check_trans", ())]
+
+
+def test_insane_request_stops_at_sanity(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["sanity.sanity_check"] = -1
+    assert handler.ksr_request_route(None) == 1
+    assert ksr.calls == [("sanity.sanity_check", (17895, 7))]
+
+
+# --- (b) rtpengine refuses the offer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rc", [-1, -2])
+def test_rtpengine_failure_answers_503_and_does_not_relay(
+    ksr: KsrDouble, handler: kemi.Kamailio, rc: int
+) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["rtpengine.rtpengine_offer"] = rc
+
+    result = handler.ksr_request_route(None)
+
+    assert result == 1
+    assert type(result) is int
+    assert after(ksr, "rtpengine.rtpengine_offer")[:2] == [
+        ("rtpengine.rtpengine_offer", (flag_string(DEFAULT_OFFER_TO_MICROSOFT),)),
+        ("sl.sl_send_reply", (503, "Media Relay Unavailable")),
+    ]
+    assert ksr.names()[-2:] == ["pv.gete", "err"]  # the Call-ID is read for the log line
+    assert "tm.t_relay" not in ksr.names()
+    assert "rr.record_route_preset" not in ksr.names()
+    (message,) = errors(ksr)
+    assert CALL_ID in message
+    assert "rtpengine_offer" in message
+    # One answer only: the 503, not a 500 on top of it.
+    assert "sl.send_reply" not in ksr.names()
+
+
+# --- (c) OPTIONS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["cucm", "microsoft"])
+def test_options_is_answered_200_and_nothing_else(ksr: KsrDouble, handler: kemi.Kamailio, side: str) -> None:
+    script_request(ksr, "OPTIONS", side=side, ruri_host="127.0.0.1")
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (200, "OK"))]
+
+
+def test_unknown_listener_is_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$Rp"] = 5080
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (403, "Forbidden"))]
+
+
+def test_delayed_offer_is_refused_488(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE")
+    assert handler.ksr_request_route(None) == 1
+    assert [name for name, _ in actions(ksr)] == ["sl.sl_send_reply"]
+    assert actions(ksr)[0][1][0] == 488
+
+
+def test_max_forwards_zero_is_refused_483(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP, max_forwards=" 0 ")
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (483, "Too Many Hops"))]
+
+
+# --- (d) replies -----------------------------------------------------------------------------------------
+
+
+def test_200_with_sdp_from_microsoft_is_answered_with_the_stripped_sdp(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
+
+    rc = handler.ksr_onreply_initial(None)
+
+    assert rc == 1
+    assert type(rc) is int
+    assert after(ksr, "pv.sets") == [
+        ("pv.sets", ("$var(kemi_o365_sdp)", MS_SDP_STRIPPED)),
+        ("rtpengine.rtpengine_answer", (flag_string(DEFAULT_ANSWER_TO_CUCM),)),
+    ]
+    assert "sl.send_reply" not in ksr.names()
+
+
+def test_reply_reads_status_and_cseq_method(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_reply(ksr, 486, "INVITE", side="microsoft")
+    assert handler.ksr_onreply_initial(None) == 1
+    assert ("pv.geti", ("$rs",)) in ksr.calls
+    assert actions(ksr) == [("rtpengine.rtpengine_delete0", ())]
+
+
+def test_failed_reinvite_keeps_the_media_session(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_reply(ksr, 488, "INVITE", side="microsoft")
+    assert handler.ksr_onreply_in_dialog(None) == 1
+    assert actions(ksr) == []
+
+
+def test_rtpengine_answer_failure_is_logged_not_raised(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
+    ksr.returns["rtpengine.rtpengine_answer"] = -1
+    assert handler.ksr_onreply_initial(None) == 1
+    (message,) = errors(ksr)
+    assert CALL_ID in message
+    # A reply is never answered: no sl reply from a tm onreply callback.
+    assert not {"sl.send_reply", "sl.sl_send_reply"} & set(ksr.names())
+
+
+# --- (e) in-dialog requests ------------------------------------------------------------------------------
+
+
+def test_bye_from_cucm_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
+
+    assert handler.ksr_request_route(None) == 1
+
+    names = ksr.names()
+    assert names.index("siputils.has_totag") < names.index("rr.loose_route")
+    assert after(ksr, "tmx.t_precheck_trans") == [
+        ("tmx.t_precheck_trans", ()),
+        ("tm.t_check_trans", ()),
+        ("maxfwd.process_maxfwd", (70,)),
+        ("rtpengine.rtpengine_delete0", ()),
+        ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
+        ("set_advertised_address", (SBC_FQDN,)),
+        ("set_advertised_port", ("5061",)),
+        ("tm.t_on_reply", ("ksr_onreply_in_dialog",)),
+        ("tm.t_relay", ()),
+    ]
+
+
+def test_bye_from_microsoft_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "BYE", side="microsoft", in_dialog=True, ruri_host="127.0.0.1")
+    assert handler.ksr_request_route(None) == 1
+    assert after(ksr, "rtpengine.rtpengine_delete0") == [
+        ("rtpengine.rtpengine_delete0", ()),
+        ("tm.t_on_reply", ("ksr_onreply_in_dialog",)),
+        ("tm.t_relay", ()),
+    ]
+
+
+def test_bye_not_routed_to_us_is_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "BYE", in_dialog=True, routed=False, ruri_host=MS_FQDN)
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (404, "Not Here"))]
+
+
+def test_ack_in_dialog_is_relayed_without_a_transaction(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "ACK", in_dialog=True, ruri_host=MS_FQDN)
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [
+        ("is_ACK", ()),
+        ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
+        ("set_advertised_address", (SBC_FQDN,)),
+        ("set_advertised_port", ("5061",)),
+        ("tm.t_relay", ()),
+    ]
+
+
+def test_reinvite_from_microsoft_offers_the_stripped_sdp(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", side="microsoft", in_dialog=True, sdp=MS_SDP, ruri_host="127.0.0.1")
+    assert handler.ksr_request_route(None) == 1
+    sets = [args for name, args in ksr.calls if name == "pv.sets"]
+    assert sets == [("$var(kemi_o365_sdp)", MS_SDP_STRIPPED)]
+    names = ksr.names()
+    assert names.index("pv.sets") < names.index("rtpengine.rtpengine_offer") < names.index("tm.t_relay")
+    assert ("tm.t_on_reply", ("ksr_onreply_in_dialog",)) in ksr.calls
+
+
+def test_reinvite_refused_by_rtpengine_is_answered(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    # Every INVITE needs a final response (RFC 3261): a re-INVITE whose offer rtpengine refuses is not
+    # relayed, so the SBC must answer it itself, as it does for an initial INVITE (503).
+    script_request(ksr, "INVITE", in_dialog=True, sdp=CUCM_SDP, ruri_host=MS_FQDN)
+    ksr.returns["rtpengine.rtpengine_offer"] = -1
+    assert handler.ksr_request_route(None) == 1
+    assert "tm.t_relay" not in ksr.names()
+    replies = [args for name, args in ksr.calls if name in ("sl.sl_send_reply", "sl.send_reply")]
+    assert len(replies) == 1, replies
+    assert replies[0][0] >= 500
+    assert CALL_ID in errors(ksr)[0]
+
+
+def test_cancel_releases_media_then_relays(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "CANCEL")
+    ksr.returns["tm.t_check_trans"] = 1  # the INVITE transaction it cancels was found
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [
+        ("tm.t_check_trans", ()),
+        ("rtpengine.rtpengine_delete0", ()),
+        ("tm.t_relay", ()),
+    ]
+
+
+# --- (f) unexpected exceptions ---------------------------------------------------------------------------
+
+
+def test_unexpected_exception_is_logged_and_answered_500(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+
+    def boom(outbound: str, inbound: str) -> int:
+        raise RuntimeError("record_route_preset exploded")
+
+    ksr.returns["rr.record_route_preset"] = boom
+
+    rc = handler.ksr_request_route(None)
+
+    assert rc == 1
+    assert type(rc) is int
+    assert "tm.t_relay" not in ksr.names()
+    logged = errors(ksr)
+    assert logged, "nothing logged"
+    assert CALL_ID in logged[0]
+    assert "RuntimeError: record_route_preset exploded" in logged[0]
+    assert ("sl.send_reply", (500, "Internal Server Error")) in ksr.calls
+    assert ksr.names()[-1] == "sl.send_reply"
+
+
+def test_exception_on_an_ack_sends_no_reply(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "ACK", in_dialog=True, ruri_host=MS_FQDN)
+    ksr.returns["setdsturi"] = _raise
+    assert handler.ksr_request_route(None) == 1
+    assert errors(ksr)
+    assert not {"sl.send_reply", "sl.sl_send_reply"} & set(ksr.names())
+
+
+def test_exception_in_a_reply_callback_is_logged_not_answered(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
+    ksr.returns["pv.sets"] = _raise
+    assert handler.ksr_onreply_initial(None) == 1
+    assert CALL_ID in errors(ksr)[0]
+    assert "sl.send_reply" not in ksr.names()
+
+
+def test_failing_500_is_logged_not_raised(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["rr.record_route_preset"] = _raise
+    ksr.returns["sl.send_reply"] = _raise
+    assert handler.ksr_request_route(None) == 1
+    assert any("could not send 500" in m for m in errors(ksr))
+
+
+def _raise(*args: object) -> object:
+    raise RuntimeError(f"scripted failure {args!r}")
+
+
+def test_failed_seturi_stops_the_relay(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    # Kamailio's core seturi/setdsturi return a Python bool (api_list ret "bool"), False on failure;
+    # the adapter must not relay an INVITE whose Request-URI could not be set.
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["seturi"] = False
+    assert handler.ksr_request_route(None) == 1
+    assert "tm.t_relay" not in ksr.names()
+    assert ("sl.send_reply", (500, "Internal Server Error")) in ksr.calls
+
+
+def test_failed_setdsturi_stops_the_relay(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.returns["setdsturi"] = False
+    assert handler.ksr_request_route(None) == 1
+    assert "tm.t_relay" not in ksr.names()
+
+
+# --- (g) every callback returns the int 1 (KAMAILIO-NOTES P2) ---------------------------------------------
+
+
+def callbacks() -> list[str]:
+    return sorted(n for n, _ in inspect.getmembers(kemi.Kamailio, inspect.isfunction) if n.startswith("ksr_"))
+
+
+@pytest.mark.parametrize("name", callbacks())
+@pytest.mark.parametrize("trouble", ["none", "exception", "rtpengine"])
+def test_every_callback_returns_int_1(
+    ksr: KsrDouble, handler: kemi.Kamailio, name: str, trouble: str
+) -> None:
+    if name.startswith("ksr_onreply"):
+        script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
+    else:
+        script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    if trouble == "exception":
+        ksr.returns["pv.sets"] = _raise
+    elif trouble == "rtpengine":
+        ksr.returns["rtpengine.rtpengine_offer"] = -1
+        ksr.returns["rtpengine.rtpengine_answer"] = -1
+    rc = getattr(handler, name)(None)
+    assert type(rc) is int, f"{name} returned {rc!r}"
+    assert rc == 1
+
+
+def test_child_init_returns_an_int(handler: kemi.Kamailio) -> None:
+    for rank in (-1, 0, 1, 7):
+        assert type(handler.child_init(rank)) is int
+
+
+def test_core_callbacks_exist() -> None:
+    for name in ("ksr_request_route", "ksr_reply_route"):
+        assert callable(getattr(kemi.Kamailio, name, None)), name
+
+
+# --- callback names used by the adapter (KAMAILIO-NOTES P1) ---------------------------------------------
+
+
+def _string_constants(tree: ast.Module) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            out[node.targets[0].id] = node.value.value
+    return out
+
+
+def _callee(call: ast.Call) -> str:
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
+
+
+def tm_route_names(module_file: Path) -> set[str]:
+    """Every callback name the module can pass to KSR.tm.t_on_*, following one level of helper.
+
+    A name reaches t_on_* either as a literal/constant argument or through a helper's parameter
+    (`_relay(ONREPLY_INITIAL)` -> `KSR.tm.t_on_reply(onreply)`); both are resolved here.
+    """
+    tree = ast.parse(module_file.read_text())
+    constants = _string_constants(tree)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    names: set[str] = set()
+    unresolved: list[str] = []
+    # helper name -> index of the parameter it forwards to t_on_*
+    forwarders: dict[str, int] = {}
+
+    def resolve(arg: ast.expr, where: ast.FunctionDef | None) -> None:
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            names.add(arg.value)
+        elif isinstance(arg, ast.Name) and arg.id in constants:
+            names.add(constants[arg.id])
+        elif isinstance(arg, ast.Name) and where is not None and arg.id in [a.arg for a in where.args.args]:
+            forwarders[where.name] = [a.arg for a in where.args.args].index(arg.id)
+        else:
+            unresolved.append(ast.unparse(arg))
+
+    for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)] + [None]:
+        body = ast.walk(func) if func is not None else iter(tree.body)
+        for node in body:
+            if isinstance(node, ast.Call) and _callee(node).startswith("t_on_") and node.args:
+                resolve(node.args[0], func)
+    for call in calls:
+        index = forwarders.get(_callee(call))
+        if index is not None and len(call.args) > index:
+            resolve(call.args[index], None)
+    assert not unresolved, f"t_on_* names that cannot be checked statically: {unresolved}"
+    return names
+
+
+def test_tm_callback_names_are_real_methods() -> None:
+    names = tm_route_names(Path(ksr_adapter.__file__))
+    assert {ksr_adapter.ONREPLY_INITIAL, ksr_adapter.ONREPLY_IN_DIALOG} <= names
+    for name in sorted(names):
+        method = getattr(kemi.Kamailio, name, None)
+        assert callable(method), f"t_on_* callback {name!r} is not a method of kemi.Kamailio"
+
+
+def test_tm_callback_constants_are_real_methods() -> None:
+    module = Path(ksr_adapter.__file__)
+    constants = _string_constants(ast.parse(module.read_text()))
+    routes = {k: v for k, v in constants.items() if re.match(r"ON(REPLY|FAILURE|BRANCH)", k)}
+    assert set(routes) >= {"ONREPLY_INITIAL", "ONREPLY_IN_DIALOG"}
+    for const, name in routes.items():
+        assert callable(getattr(kemi.Kamailio, name, None)), f"{const}={name!r} names no Kamailio method"
+
+
+# --- kamailio.cfg agrees with the Python side ------------------------------------------------------------
+
+
+def _cfg() -> str:
+    # Drop comment lines (but keep '#!' preprocessor directives).
+    lines = KAMAILIO_CFG.read_text().splitlines()
+    return "\n".join(ln for ln in lines if not ln.lstrip().startswith("#") or ln.lstrip().startswith("#!"))
+
+
+@pytest.mark.parametrize(
+    ("param", "default"),
+    [("onsend_route_callback", "ksr_onsend_route"), ("reply_route_callback", "ksr_reply_route")],
+)
+def test_core_callbacks_are_disabled_or_defined(param: str, default: str) -> None:
+    match = re.search(rf'^\s*kemi\.{param}\s*=\s*"([^"]*)"', _cfg(), re.MULTILINE)
+    name = match.group(1) if match else default
+    assert name == "none" or callable(getattr(kemi.Kamailio, name, None)), (
+        f'kemi.{param} is "{name}" but kemi.Kamailio has no such method (KAMAILIO-NOTES P1)'
+    )
+
+
+def test_read_sdp_pv_matches_the_adapter() -> None:
+    found = re.findall(r'^\s*modparam\("rtpengine",\s*"read_sdp_pv",\s*"([^"]+)"\)', _cfg(), re.MULTILINE)
+    assert found == [ksr_adapter.SDP_PV]
