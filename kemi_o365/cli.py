@@ -28,6 +28,8 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{p.fqdn}:{p.port}" + (f" (pinned {p.address})" if p.address else "")
         for p in policy.microsoft.proxies
     )
+    for warning in policy.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: OK ({policy.microsoft.profile} profile, SBC {policy.sbc.fqdn}, Microsoft {proxies})")
     return EXIT_OK
 

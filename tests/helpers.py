@@ -8,11 +8,14 @@ from kemi_o365.policy.load import parse_policy
 from kemi_o365.policy.model import Policy
 
 LAB_POLICY = Path(__file__).resolve().parent.parent / "kemi_o365" / "data" / "lab.yaml"
+# A frozen copy of an earlier lab policy: the loader's exact-message tests cite its line numbers, so
+# they must not move when the shipped lab policy gains a key.
+REFERENCE_POLICY = Path(__file__).resolve().parent / "fixtures" / "policies" / "reference.yaml"
 
 
-def lab_policy_text(pki: Path) -> str:
-    """The shipped lab policy with its certificate paths pointing into `pki`."""
-    return LAB_POLICY.read_text().replace("pki/", f"{pki}/")
+def lab_policy_text(pki: Path, source: Path = LAB_POLICY) -> str:
+    """A lab policy (the shipped one by default) with its certificate paths pointing into `pki`."""
+    return source.read_text().replace("pki/", f"{pki}/")
 
 
 def make_pki_files(directory: Path) -> Path:

@@ -98,6 +98,11 @@ def microsoft_peer(policy: Policy, pki: Path) -> Iterator[MicrosoftPeer]:
         yield peer
 
 
+def cucm_address(policy: Policy) -> str:
+    """The address SIPp plays CUCM from: the lab policy's CUCM, else the first allowed source."""
+    return policy.cucm.address or str(policy.cucm.sources[0].network_address)
+
+
 def wait_rtpengine_empty(policy: Policy, timeout: float = 3.0) -> list[str]:
     """rtpengine deletes asynchronously after BYE; poll its own listing for a bounded time."""
     rtp = policy.rtpengine
@@ -114,14 +119,15 @@ def place_seed_call(
 ) -> CallOutcome:
     """Run one SIPp call from 'CUCM' through the running SBC to the Microsoft peer."""
     internal = policy.sbc.internal
+    cucm_ip = cucm_address(policy)
     before = len(peer.received)
     result = run_sipp(
         SCENARIOS / scenario / "uac.xml",
         f"{internal.address}:{internal.port}",
         transport="t1",
-        local_ip="127.0.0.1",
-        media_ip="127.0.0.1",
-        media_port=free_port("127.0.0.1", kind=socket.SOCK_DGRAM),
+        local_ip=cucm_ip,
+        media_ip=cucm_ip,
+        media_port=free_port(cucm_ip, kind=socket.SOCK_DGRAM),
         timeout_s=20,
         workdir=workdir,
     )
@@ -150,7 +156,7 @@ def verdict_problems(o: CallOutcome) -> list[str]:
         problems.append("no INVITE reached Microsoft")
     else:
         problems += invite_to_microsoft_problems(
-            invite, o.policy, {"127.0.0.1"} - {o.policy.sbc.internal.address}
+            invite, o.policy, {cucm_address(o.policy)}
         )
     if o.tls_client_cn != o.policy.sbc.fqdn:
         problems.append(f"TLS client certificate CN {o.tls_client_cn!r}, expected {o.policy.sbc.fqdn}")

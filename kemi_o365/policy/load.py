@@ -7,6 +7,7 @@ back to a default) and get a "did you mean".
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import re
@@ -250,7 +251,9 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
         m.get("internal"), "sbc.internal", {"address": True, "port": False, "transports": False}
     )
     external = r.mapping(
-        m.get("external"), "sbc.external", {"address": True, "port": False, "advertised_address": False}
+        m.get("external"),
+        "sbc.external",
+        {"address": True, "port": False, "advertised_address": False, "tls_versions": False},
     )
     transports = r.items(
         internal.get("transports"), "sbc.internal.transports", _transport((Transport.UDP, Transport.TCP))
@@ -273,8 +276,35 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
             advertised_address=r.field(
                 external.get("advertised_address"), "sbc.external.advertised_address", _ip, None
             ),
+            tls_versions=_tls_versions(r, external.get("tls_versions")),
         ),
     )
+
+
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _tls_version(node: Node) -> str:
+    value = _string(node)
+    if value not in TLS_VERSIONS:
+        raise _Invalid(f"expected one of {', '.join(TLS_VERSIONS)}, got {value!r}")
+    return value
+
+
+def _tls_versions(r: _Reader, node: Node | None) -> tuple[str, ...]:
+    if node is None:
+        return ("TLSv1.2", "TLSv1.3")
+    versions = r.items(node, "sbc.external.tls_versions", _tls_version)
+    if not versions:
+        if isinstance(node, SequenceNode) and not node.value:
+            r.problem(node, "sbc.external.tls_versions", "list at least one TLS version")
+        return ("TLSv1.2", "TLSv1.3")
+    ordered = tuple(v for v in TLS_VERSIONS if v in versions)
+    first, last = TLS_VERSIONS.index(ordered[0]), TLS_VERSIONS.index(ordered[-1])
+    if len(ordered) != last - first + 1:
+        # Kamailio's tls `method` is one version or a "from X up" range: it cannot skip one.
+        r.problem(node, "sbc.external.tls_versions", f"versions must be contiguous, got {', '.join(ordered)}")
+    return ordered
 
 
 def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
@@ -310,7 +340,7 @@ def _port_range(r: _Reader, m: dict[str, Node], port_min: int, port_max: int) ->
 
 
 def _cucm(r: _Reader, node: Node | None) -> Cucm:
-    m = r.mapping(node, "cucm", {"sources": True, "transport": False})
+    m = r.mapping(node, "cucm", {"sources": True, "transport": False, "address": False, "port": False})
     sources = r.items(m.get("sources"), "cucm.sources", _network)
     if isinstance(m.get("sources"), SequenceNode) and not sources and not m["sources"].value:
         r.problem(m.get("sources"), "cucm.sources", "list at least one CUCM address")
@@ -319,6 +349,8 @@ def _cucm(r: _Reader, node: Node | None) -> Cucm:
         transport=r.field(
             m.get("transport"), "cucm.transport", _transport((Transport.UDP, Transport.TCP)), Transport.TCP
         ),
+        address=r.field(m.get("address"), "cucm.address", _ip, None),
+        port=r.field(m.get("port"), "cucm.port", _port, 5060),
     )
 
 
@@ -351,6 +383,9 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         "offer_flags": False,
         "answer_flags": False,
         "strip_answer_prefixes": False,
+        "sources": False,
+        "trusted_names": False,
+        "allowed_media": False,
     }
     m = r.mapping(node, "microsoft", keys)
     match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
@@ -369,7 +404,24 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         strip_answer_prefixes=r.items(
             m.get("strip_answer_prefixes"), "microsoft.strip_answer_prefixes", _string
         ),
+        sources=r.items(m.get("sources"), "microsoft.sources", _network),
+        trusted_names=r.items(m.get("trusted_names"), "microsoft.trusted_names", _name_pattern),
+        allowed_media=r.items(m.get("allowed_media"), "microsoft.allowed_media", _media_type) or ("audio",),
     )
+
+
+def _name_pattern(node: Node) -> str:
+    value = _string(node).lower()
+    if not _FQDN.match(value.removeprefix("*.")):
+        raise _Invalid(f"expected a host name or '*.domain', got {value!r}")
+    return value
+
+
+def _media_type(node: Node) -> str:
+    value = _string(node).lower()
+    if value not in ("audio", "video", "image", "application", "text"):
+        raise _Invalid(f"expected an SDP media type (audio, video, image, ...), got {value!r}")
+    return value
 
 
 def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
@@ -446,7 +498,20 @@ def parse_policy(text: str, source: Path) -> Policy:
     if r.problems:
         # Checked section by section; reported in file order, as the operator reads the file.
         raise PolicyError(sorted(r.problems, key=lambda p: p.line))
-    return policy
+    return dataclasses.replace(policy, warnings=_warnings(policy))
+
+
+def _warnings(policy: Policy) -> tuple[str, ...]:
+    out = []
+    old = [v for v in policy.sbc.external.tls_versions if v in ("TLSv1", "TLSv1.1")]
+    if old:
+        out.append(
+            f"{policy.source}: sbc.external.tls_versions: {', '.join(old)} accepted; "
+            "Microsoft enforces TLS 1.2 since 2022-04-03, keep older versions only for a legacy peer"
+        )
+    if policy.cucm.address is None:
+        out.append(f"{policy.source}: cucm.address is not set: calls and NOTIFYs Microsoft starts get 404")
+    return tuple(out)
 
 
 def load_policy(path: str | Path) -> Policy:

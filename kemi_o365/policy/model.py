@@ -60,6 +60,8 @@ class ExternalSide:
     """TLS port toward Microsoft (5061 in production)."""
     advertised_address: str | None
     """Public IP that NAT maps to `address`; written into SDP toward Microsoft."""
+    tls_versions: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    """TLS versions the listener accepts from Microsoft (contiguous; older than 1.2 only on request)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,11 @@ class Cucm:
     sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     """Networks CUCM sends from; requests from anyone else are refused with 403."""
     transport: Transport
-    """Transport CUCM uses toward the SBC."""
+    """Transport CUCM uses toward the SBC, and the SBC toward CUCM."""
+    address: str | None = None
+    """Where requests Microsoft starts (Play on Phone, MWI NOTIFY) are sent; None: they get 404."""
+    port: int = 5060
+    """CUCM's SIP port for those requests."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,24 @@ class Microsoft:
     """rtpengine flags for Microsoft's answer back toward CUCM (SRTP -> RTP)."""
     strip_answer_prefixes: tuple[str, ...]
     """SDP lines with these prefixes are removed from Microsoft's SDP before rtpengine sees it."""
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Networks Microsoft connects from; empty: any address with a verified certificate."""
+    trusted_names: tuple[str, ...] = ()
+    """Certificate names accepted from Microsoft's TLS clients (`*.x` = one label); empty: the proxies."""
+    allowed_media: tuple[str, ...] = ("audio",)
+    """Media types offered to Microsoft; other m= lines from CUCM are disabled (port 0)."""
+
+    def accepts_peer_name(self, name: str) -> bool:
+        """Whether a verified certificate name belongs to Microsoft (RFC 6125 §6.4.3 one-label wildcard)."""
+        name = name.lower().rstrip(".")
+        for pattern in self.trusted_names or tuple(p.fqdn for p in self.proxies):
+            if pattern.startswith("*."):
+                head, _, rest = name.partition(".")
+                if head and rest == pattern[2:]:
+                    return True
+            elif name == pattern:
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -139,3 +163,5 @@ class Policy:
     cucm: Cucm
     microsoft: Microsoft
     kamailio: KamailioSettings
+    warnings: tuple[str, ...] = ()
+    """Legal but risky settings, shown by `policy check` (e.g. TLS older than 1.2)."""

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kemi_o365.lab.demo import LAB_POLICY, microsoft_peer, prepare_lab
+from kemi_o365.lab.demo import LAB_POLICY, cucm_address, microsoft_peer, prepare_lab
 from kemi_o365.lab.ms_peer import MicrosoftPeer
 from kemi_o365.launch import RunDir, Stack
 from kemi_o365.policy.model import Policy
@@ -69,6 +69,11 @@ class Lab:
     policy: Policy
     peer: MicrosoftPeer
     stack: Stack
+
+    @property
+    def cucm_ip(self) -> str:
+        """The address SIPp plays CUCM from (inside cucm.sources)."""
+        return cucm_address(self.policy)
 
     @property
     def cucm_target(self) -> str:

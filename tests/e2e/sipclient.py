@@ -17,7 +17,7 @@ def request(
     method: str,
     ruri: str,
     *,
-    src_ip: str = "127.0.0.1",
+    src_ip: str = "127.0.0.4",
     call_id: str | None = None,
     max_forwards: int = 70,
     extra: tuple[tuple[str, str], ...] = (),
@@ -44,7 +44,7 @@ def send(
     target: tuple[str, int],
     *,
     transport: str = "udp",
-    src_ip: str = "127.0.0.1",
+    src_ip: str = "127.0.0.4",
     timeout: float = 3.0,
 ) -> list[SipMessage]:
     """Responses received to `msg`, in order, up to and including the first final one."""

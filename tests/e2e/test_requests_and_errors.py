@@ -58,7 +58,12 @@ def test_delayed_offer_is_refused_clearly(lab: Lab) -> None:
 def test_rejected_call_releases_the_media_session(lab: Lab) -> None:
     lab.peer.answer_code = (486, "Busy Here")
     result = run_sipp(
-        SCENARIOS / "seed-call" / "uac.xml", lab.cucm_target, workdir=lab.root / "sipp", timeout_s=10
+        SCENARIOS / "seed-call" / "uac.xml",
+        lab.cucm_target,
+        local_ip=lab.cucm_ip,
+        media_ip=lab.cucm_ip,
+        workdir=lab.root / "sipp",
+        timeout_s=10,
     )
     assert not result.ok  # the scenario wants a 200
     assert any(not m.is_request and m.status == 486 for m in result.received()), result.describe()
@@ -72,7 +77,12 @@ def test_dead_rtpengine_fails_the_call_fast_with_503(lab: Lab) -> None:
     proc.terminate()
     proc.wait(10)
     result = run_sipp(
-        SCENARIOS / "seed-call" / "uac.xml", lab.cucm_target, workdir=lab.root / "sipp", timeout_s=10
+        SCENARIOS / "seed-call" / "uac.xml",
+        lab.cucm_target,
+        local_ip=lab.cucm_ip,
+        media_ip=lab.cucm_ip,
+        workdir=lab.root / "sipp",
+        timeout_s=10,
     )
     finals = [m for m in result.received() if not m.is_request and m.status >= 200]
     assert [m.status for m in finals] == [503], result.describe()

@@ -18,7 +18,7 @@ from tests.e2e.conftest import Lab
 
 pytestmark = pytest.mark.e2e
 
-CUCM_ADDRESSES = {"127.0.0.1"}
+CUCM_ADDRESSES = {"127.0.0.4"}
 
 
 def _sdp(msg: SipMessage, prefix: str) -> list[str]:
@@ -109,7 +109,12 @@ def test_ack_and_bye_pass_and_rtpengine_is_empty(lab: Lab, seed_call: CallOutcom
 
 def test_microsoft_hangs_up_and_bye_reaches_cucm(lab: Lab) -> None:
     with start_sipp(
-        SCENARIOS / "ms-hangup" / "uac.xml", lab.cucm_target, workdir=lab.root / "sipp", timeout_s=20
+        SCENARIOS / "ms-hangup" / "uac.xml",
+        lab.cucm_target,
+        local_ip=lab.cucm_ip,
+        media_ip=lab.cucm_ip,
+        workdir=lab.root / "sipp",
+        timeout_s=20,
     ) as sipp:
         invite = lab.peer.wait_for(lambda r: r.msg.is_request and r.msg.method == "ACK", timeout=10)
         rtp = lab.policy.rtpengine
@@ -126,7 +131,12 @@ def test_microsoft_hangs_up_and_bye_reaches_cucm(lab: Lab) -> None:
 def test_cancel_before_answer_releases_media(lab: Lab) -> None:
     lab.peer.answer_delay = 3.0
     with start_sipp(
-        SCENARIOS / "cancel" / "uac.xml", lab.cucm_target, workdir=lab.root / "sipp", timeout_s=20
+        SCENARIOS / "cancel" / "uac.xml",
+        lab.cucm_target,
+        local_ip=lab.cucm_ip,
+        media_ip=lab.cucm_ip,
+        workdir=lab.root / "sipp",
+        timeout_s=20,
     ) as sipp:
         result = sipp.wait(20)
     assert result.ok, result.describe()

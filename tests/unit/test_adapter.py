@@ -98,7 +98,7 @@ def script_request(
             "$rm": method,
             "$Ri": "127.0.0.1" if cucm else "127.0.0.2",
             "$Rp": 5060 if cucm else 5061,
-            "$si": "127.0.0.1" if cucm else "127.0.0.3",
+            "$si": "127.0.0.4" if cucm else "127.0.0.3",
             "$sp": 26012 if cucm else 40123,
             "$pr": "tcp" if cucm else "tls",
             "$rU": ruri_user,

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from kemi_o365.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from tests.helpers import lab_policy_text, make_pki_files
+from tests.helpers import LAB_POLICY, REFERENCE_POLICY, lab_policy_text, make_pki_files
 
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "kemi-o365"
 
 
-def write_lab_policy(tmp_path: Path, old: str = "", new: str = "") -> Path:
-    text = lab_policy_text(make_pki_files(tmp_path / "pki"))
+def write_lab_policy(tmp_path: Path, old: str = "", new: str = "", source: Path = REFERENCE_POLICY) -> Path:
+    """The reference policy (whose line numbers the messages cite), or the shipped lab one, edited."""
+    text = lab_policy_text(make_pki_files(tmp_path / "pki"), source)
     if old:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
@@ -33,11 +34,26 @@ def ok_line(path: Path) -> str:
 
 
 def test_good_policy_exits_0_with_ok_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_lab_policy(tmp_path)
+    path = write_lab_policy(tmp_path, source=LAB_POLICY)
     assert main(["policy", "check", str(path)]) == EXIT_OK == 0
     out, err = capsys.readouterr()
     assert out == ok_line(path)
     assert err == ""
+
+
+def test_risky_but_legal_settings_are_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_lab_policy(
+        tmp_path, "tls_versions: [TLSv1.2, TLSv1.3]", "tls_versions: [TLSv1, TLSv1.1, TLSv1.2]", LAB_POLICY
+    )
+    assert main(["policy", "check", str(path)]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == ok_line(path)
+    assert err == (
+        f"warning: {path}: sbc.external.tls_versions: TLSv1, TLSv1.1 accepted; Microsoft enforces TLS 1.2 "
+        "since 2022-04-03, keep older versions only for a legacy peer\n"
+    )
 
 
 def test_ok_line_names_the_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,7 +94,7 @@ def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_console_script_entry_point(tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} not installed (pip install -e .)"
-    good = write_lab_policy(tmp_path / "good")
+    good = write_lab_policy(tmp_path / "good", source=LAB_POLICY)
     bad = write_lab_policy(tmp_path / "bad", "profile: exchange-um", "profile: teams")
 
     ok = subprocess.run(

@@ -2,7 +2,8 @@
 
 Every bad case edits the lab policy text, writes it into a temporary directory and loads it from
 there, so each expected message names the real file, line and dotted key, exactly as an operator
-sees it. Line numbers refer to kemi_o365/data/lab.yaml (after the edit).
+sees it. Line numbers refer to tests/fixtures/policies/reference.yaml (after the edit), a frozen copy of an
+earlier lab policy; the shipped lab policy itself is checked by test_shipped_lab_policy_loads.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT
 from kemi_o365.policy.errors import PolicyError, Problem
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy, Profile, Proxy, Transport
-from tests.helpers import LAB_POLICY, lab_policy_text, make_pki_files
+from tests.helpers import LAB_POLICY, REFERENCE_POLICY, lab_policy_text, make_pki_files
 
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
 # Whole lines of lab.yaml (with their trailing comments), to delete or move in an edit.
-LAB_LINES = LAB_POLICY.read_text().splitlines(keepends=True)
+LAB_LINES = REFERENCE_POLICY.read_text().splitlines(keepends=True)
 FQDN_LINE = LAB_LINES[6]  # line 7: sbc.fqdn
 ADVERTISED_LINE = LAB_LINES[18]  # line 19: sbc.external.advertised_address
 PROXY_ADDRESS_LINE = LAB_LINES[37]  # line 38: microsoft.proxies[0].address
@@ -37,7 +38,7 @@ Edits = Sequence[tuple[str, str]]
 def write_policy(tmp_path: Path, edits: Edits = ()) -> tuple[Path, Path]:
     """The lab policy with `edits` (old -> new; `{pki}` stands for the PKI directory) in tmp_path."""
     pki = make_pki_files(tmp_path / "pki")
-    text = lab_policy_text(pki)
+    text = lab_policy_text(pki, REFERENCE_POLICY)
     for old_template, new_template in edits:
         old, new = old_template.replace("{pki}", str(pki)), new_template.replace("{pki}", str(pki))
         assert text.count(old) == 1, f"edit must match exactly once: {old!r}"
@@ -353,7 +354,9 @@ def test_policy_file_not_utf8(tmp_path: Path) -> None:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Policy:
-    path, _ = write_policy(tmp_path)
+    """The shipped lab policy (kemi_o365/data/lab.yaml), with placeholder certificate files."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(lab_policy_text(make_pki_files(tmp_path / "pki")))
     return load_policy(path)
 
 
@@ -380,14 +383,23 @@ def test_lab_policy_values(tmp_path: Path, lab: Policy) -> None:
         20999,
     )
 
-    assert lab.cucm.sources == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert lab.cucm.sources == (ipaddress.ip_network("127.0.0.4/32"),)
     assert lab.cucm.transport is Transport.TCP
+    assert (lab.cucm.address, lab.cucm.port) == ("127.0.0.4", 5060)
+    assert sbc.external.tls_versions == ("TLSv1.2", "TLSv1.3")
+    assert lab.warnings == ()
 
     ms = lab.microsoft
     assert ms.profile is Profile.EXCHANGE_UM
     assert ms.to_uri == f"sip:87000@{MS_FQDN}"
     assert ms.proxies == (Proxy(fqdn=MS_FQDN, port=5061, address="127.0.0.3"),)
     assert ms.strip_answer_prefixes == ("c=IN IP4 127.0.0.25",)
+    assert ms.trusted_names == ("*.um.example.net",)
+    assert ms.sources == (ipaddress.ip_network("127.0.0.3/32"),)
+    assert ms.allowed_media == ("audio",)
+    assert ms.accepts_peer_name(MS_FQDN)
+    assert not ms.accepts_peer_name("um.example.net")  # a wildcard covers exactly one label
+    assert not ms.accepts_peer_name("a.b.um.example.net")
 
     assert (lab.kamailio.children, lab.kamailio.log_level, lab.kamailio.rtpengine_timeout_ms) == (2, 2, 500)
 

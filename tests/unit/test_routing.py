@@ -71,7 +71,7 @@ def request(**changes: object) -> Request:
         method=Method.INVITE,
         ruri_user="87000",
         ruri_host="pstn-o365.example.com",
-        source_ip="127.0.0.1",
+        source_ip="127.0.0.4",
         source_port=26012,
         transport=Transport.TCP,
         side=Side.CUCM,
@@ -93,7 +93,7 @@ def in_dialog(method: Method, side: Side, **changes: object) -> Request:
         "sdp": "",
         "ruri_user": "87000",
         "ruri_host": MS_FQDN if side is Side.CUCM else "127.0.0.1",
-        "source_ip": "127.0.0.1" if side is Side.CUCM else "127.0.0.3",
+        "source_ip": "127.0.0.4" if side is Side.CUCM else "127.0.0.3",
         "transport": Transport.TCP if side is Side.CUCM else Transport.TLS,
     }
     facts.update(changes)
