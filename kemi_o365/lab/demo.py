@@ -155,9 +155,7 @@ def verdict_problems(o: CallOutcome) -> list[str]:
     if invite is None:
         problems.append("no INVITE reached Microsoft")
     else:
-        problems += invite_to_microsoft_problems(
-            invite, o.policy, {cucm_address(o.policy)}
-        )
+        problems += invite_to_microsoft_problems(invite, o.policy, {cucm_address(o.policy)})
     if o.tls_client_cn != o.policy.sbc.fqdn:
         problems.append(f"TLS client certificate CN {o.tls_client_cn!r}, expected {o.policy.sbc.fqdn}")
     answer = o.answer_at_cucm()
