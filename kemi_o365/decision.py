@@ -57,6 +57,18 @@ class RelayToMicrosoft:
 
 
 @dataclass(frozen=True)
+class RelayToCucm:
+    """A request Microsoft starts (Play on Phone INVITE, MWI NOTIFY) toward CUCM."""
+
+    request_uri: str
+    destination: str
+    send_socket: str
+    record_route: tuple[str, str] | None
+    """(toward CUCM, toward Microsoft) for dialog-creating requests; None for NOTIFY."""
+    media: Media | None
+
+
+@dataclass(frozen=True)
 class RelayInDialog:
     """A request inside a dialog, already loose-routed; `media` is the rtpengine step, if any."""
 
@@ -76,7 +88,7 @@ class RelayCancel:
     media: Media
 
 
-Decision = Respond | Drop | RelayToMicrosoft | RelayInDialog | RelayCancel
+Decision = Respond | Drop | RelayToMicrosoft | RelayToCucm | RelayInDialog | RelayCancel
 
 
 @dataclass(frozen=True)

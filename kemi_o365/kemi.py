@@ -15,6 +15,7 @@ import KSR
 
 from kemi_o365 import ksr_adapter as adapter
 from kemi_o365 import routing
+from kemi_o365.decision import Respond
 from kemi_o365.policy.errors import PolicyError
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy
@@ -54,7 +55,15 @@ class Kamailio:
         if not adapter.passes_sanity():
             return
         request = adapter.read_request(self.policy)
-        adapter.apply(routing.decide(request, self.policy))
+        decision = routing.decide(request, self.policy)
+        if isinstance(decision, Respond) and decision.code >= 400:
+            # Refusals are what an operator greps for when a peer "cannot get in".
+            KSR.warn(
+                f"kemi-o365: {decision.code} {decision.reason} to {request.method} from "
+                f"{request.source_ip}:{request.source_port} on the {request.side} side "
+                f"(Call-ID {adapter.call_id()})\n"
+            )
+        adapter.apply(decision)
 
     def _reply(self, *, initial: bool, late_offer: bool = False) -> None:
         reply = adapter.read_reply(self.policy)

@@ -18,6 +18,7 @@ from kemi_o365.decision import (
     MediaAction,
     RelayCancel,
     RelayInDialog,
+    RelayToCucm,
     RelayToMicrosoft,
     ReplyAction,
     Respond,
@@ -95,6 +96,7 @@ def read_request(policy: Policy) -> Request:
     has_sdp, sdp = _sdp_body()
     raw_mf = KSR.hdr.gete("Max-Forwards").strip()
     proto = KSR.pv.gete("$pr").lower()
+    verified, names = _tls_peer() if proto == "tls" else (False, ())
     return Request(
         method=Method.parse(KSR.pv.gete("$rm")),
         ruri_user=KSR.pv.gete("$rU"),
@@ -108,7 +110,18 @@ def read_request(policy: Policy) -> Request:
         sdp=sdp,
         max_forwards=int(raw_mf) if raw_mf.isdigit() else None,
         routed_to_us=routed,
+        tls_verified=verified,
+        tls_peer_names=names,
     )
+
+
+def _tls_peer() -> tuple[bool, tuple[str, ...]]:
+    """Whether the TLS client's certificate verified, and the names it carries (CN, first DNS SAN)."""
+    verified = KSR.tls.is_peer_verified() > 0
+    # KSR.tls.cget returns "" for certificate components in 5.6.3 (it calls the PV getter without the
+    # component selector), so read the tls module's PVs by their constant names instead.
+    names = (KSR.pv.gete("$tls_peer_subject_cn"), KSR.pv.gete("$tls_peer_san_hostname"))
+    return verified, tuple(str(n) for n in names if n)
 
 
 def read_reply(policy: Policy) -> Reply:
@@ -163,6 +176,8 @@ def apply(decision: Decision) -> None:
                 KSR.tm.t_relay()
         case RelayToMicrosoft():
             _relay_to_microsoft(decision)
+        case RelayToCucm():
+            _relay_to_cucm(decision)
         case RelayInDialog():
             _relay_in_dialog(decision)
         case RelayCancel(media=media):
@@ -190,6 +205,24 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
     # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
     _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
     _ok(KSR.set_advertised_port(str(d.advertised_port)), "set_advertised_port")
+    _relay(ONREPLY_INITIAL)
+
+
+def _relay_to_cucm(d: RelayToCucm) -> None:
+    if _retransmission():
+        return
+    _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
+    if d.media is not None:
+        try:
+            run_media(d.media)
+        except MediaRelayError:
+            KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
+            raise
+    if d.record_route is not None:
+        _ok(KSR.rr.record_route_preset(d.record_route[0], d.record_route[1]), "record_route_preset")
+    _true(KSR.seturi(d.request_uri), "seturi")
+    _true(KSR.setdsturi(d.destination), "setdsturi")
+    _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
     _relay(ONREPLY_INITIAL)
 
 

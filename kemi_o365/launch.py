@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,9 @@ RTPENGINE_BIN = os.environ.get("KEMI_O365_RTPENGINE", "/usr/bin/rtpengine")
 MICROSOFT_CIPHERS = (
     "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256"
 )
+
+
+_KAMAILIO_LINE = re.compile(r"^\s*-?\d+\(\d+\) [A-Z]+:")
 
 
 class StartError(Exception):
@@ -212,7 +216,15 @@ class Stack:
             text = log.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        interesting = [ln for ln in text if " ERROR" in ln or "CRITICAL" in ln or "kemi-o365" in ln]
+        # Python tracebacks reach the log without Kamailio's " N(pid) LEVEL:" prefix; keep them too.
+        interesting = [
+            ln
+            for ln in text
+            if " ERROR" in ln
+            or "CRITICAL" in ln
+            or "kemi-o365" in ln
+            or (ln.strip() and not _KAMAILIO_LINE.match(ln))
+        ]
         return "\n".join((interesting or text)[-lines:])
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -65,6 +65,24 @@ DEFAULT_ANSWER_TO_MICROSOFT: tuple[str, ...] = (
 )
 
 
+def disable_media(sdp: str, allowed: Iterable[str]) -> str:
+    """Set the port of every m= line whose type is not allowed to 0 (RFC 3264 §8.2: stream disabled).
+
+    The m= line and its attributes stay, so the answer still has one m= line per offered stream.
+    """
+    keep = set(allowed)
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    return eol.join(_disabled(line, keep) for line in sdp.split(eol))
+
+
+def _disabled(line: str, keep: set[str]) -> str:
+    if not line.startswith("m="):
+        return line
+    kind, _, rest = line[2:].partition(" ")
+    port, _, tail = rest.partition(" ")
+    return f"m={kind} 0 {tail}" if kind not in keep and port != "0" else line
+
+
 def flag_string(flags: Iterable[str]) -> str:
     """The space-separated form Kamailio's rtpengine module parses."""
     return " ".join(flags)

@@ -62,6 +62,10 @@ class Request:
     """Value of Max-Forwards, None when absent."""
     routed_to_us: bool = False
     """For in-dialog requests: the top Route header named this SBC and was consumed (loose_route)."""
+    tls_verified: bool = False
+    """Over TLS: the client presented a certificate that chains to the configured CA."""
+    tls_peer_names: tuple[str, ...] = ()
+    """Over TLS: the client certificate's subject CN and first DNS subjectAltName."""
 
 
 @dataclass(frozen=True)

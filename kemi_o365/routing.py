@@ -15,6 +15,7 @@ from kemi_o365.decision import (
     MediaAction,
     RelayCancel,
     RelayInDialog,
+    RelayToCucm,
     RelayToMicrosoft,
     ReplyAction,
     Respond,
@@ -22,6 +23,7 @@ from kemi_o365.decision import (
 from kemi_o365.media import (
     DEFAULT_ANSWER_TO_MICROSOFT,
     DEFAULT_OFFER_TO_CUCM,
+    disable_media,
     flag_string,
     strip_lines,
 )
@@ -35,7 +37,9 @@ def decide(req: Request, policy: Policy) -> Decision:
     """What to do with one incoming request."""
     if req.side is Side.UNKNOWN:
         return Respond(403, "Forbidden")
-    if req.side is Side.CUCM and not _cucm_allowed(req.source_ip, policy):
+    if req.side is Side.CUCM and not _in_networks(req.source_ip, policy.cucm.sources):
+        return Respond(403, "Forbidden")
+    if req.side is Side.MICROSOFT and not _microsoft_allowed(req, policy):
         return Respond(403, "Forbidden")
     # RFC 3261 §16.3 step 2: a proxy must not forward a request whose Max-Forwards is zero.
     if req.max_forwards == 0 and req.method is not Method.OPTIONS:
@@ -48,19 +52,70 @@ def decide(req: Request, policy: Policy) -> Decision:
     if req.method is Method.OPTIONS:
         # Keep-alive pings from CUCM (SIP OPTIONS ping) and from Microsoft: we answer for ourselves.
         return Respond(200, "OK")
-    if req.side is Side.CUCM and req.method is Method.INVITE:
-        return _invite_from_cucm(req, policy)
     if req.method is Method.ACK:
         return Drop("ACK outside any dialog")
+    if req.side is Side.CUCM and req.method is Method.INVITE:
+        return _invite_from_cucm(req, policy)
+    if req.side is Side.MICROSOFT:
+        return _request_from_microsoft(req, policy)
     return Respond(404, "Not Found")
 
 
-def _cucm_allowed(ip: str, policy: Policy) -> bool:
+def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return any(addr in net for net in policy.cucm.sources)
+    return any(addr in net for net in networks)
+
+
+def _microsoft_allowed(req: Request, policy: Policy) -> bool:
+    """Mutual TLS with a verified certificate naming Microsoft, from Microsoft's networks if listed.
+
+    MICROSOFT-NOTES §1.2/§1.6: Microsoft opens its own connections; the certificate is the identity.
+    """
+    ms = policy.microsoft
+    if req.transport is not Transport.TLS or not req.tls_verified:
+        return False
+    if not any(ms.accepts_peer_name(name) for name in req.tls_peer_names):
+        return False
+    return not ms.sources or _in_networks(req.source_ip, ms.sources)
+
+
+# Requests Microsoft starts outside a dialog that CUCM handles: calls (Play on Phone, call answering)
+# and message-waiting NOTIFYs (seed 003).
+_FROM_MICROSOFT = frozenset({Method.INVITE, Method.NOTIFY})
+
+
+def _request_from_microsoft(req: Request, policy: Policy) -> Decision:
+    cucm = policy.cucm
+    if req.method not in _FROM_MICROSOFT:
+        return Respond(405, "Method Not Allowed")
+    if cucm.address is None:
+        return Respond(404, "Not Found")
+    transport = cucm.transport.value
+    target = f"sip:{cucm.address}:{cucm.port};transport={transport}"
+    internal = policy.sbc.internal
+    if req.method is Method.NOTIFY:
+        media, record_route = None, None
+    else:
+        if not req.has_sdp:
+            return Respond(488, "Not Acceptable Here (no SDP offer)")
+        sdp = strip_lines(req.sdp, policy.microsoft.strip_answer_prefixes)
+        flags = (*DEFAULT_OFFER_TO_CUCM, "direction=external", "direction=internal")
+        media = Media(MediaAction.OFFER, flag_string(flags), sdp)
+        suffix = ";transport=tcp" if cucm.transport is Transport.TCP else ""
+        record_route = (
+            f"{internal.address}:{internal.port}{suffix};r2=on",
+            f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
+        )
+    return RelayToCucm(
+        request_uri=f"sip:{req.ruri_user}@{cucm.address}:{cucm.port};transport={transport}",
+        destination=target,
+        send_socket=f"{transport}:{internal.address}:{internal.port}",
+        record_route=record_route,
+        media=media,
+    )
 
 
 def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
@@ -80,8 +135,14 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
         advertised_port=policy.sbc.external.port,
         record_route_outbound=f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
         record_route_inbound=_inbound_rr(req, policy),
-        media=Media(MediaAction.OFFER, flag_string(ms.offer_flags)),
+        media=_offer_to_microsoft(req, policy),
     )
+
+
+def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
+    ms = policy.microsoft
+    edited = disable_media(req.sdp, ms.allowed_media)
+    return Media(MediaAction.OFFER, flag_string(ms.offer_flags), edited if edited != req.sdp else None)
 
 
 def _destination(proxy: Proxy) -> str:
@@ -124,7 +185,7 @@ def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Me
     ms = policy.microsoft
     if req.method is Method.INVITE or req.method is Method.UPDATE:
         if toward_microsoft:
-            return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
+            return _offer_to_microsoft(req, policy)
         sdp = strip_lines(req.sdp, ms.strip_answer_prefixes)
         return Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp)
     if req.method is Method.ACK:

@@ -13,6 +13,7 @@ from . import sl as sl
 from . import textops as textops
 from . import tm as tm
 from . import tmx as tmx
+from . import tls as tls
 from . import uac as uac
 
 def err(msg: str) -> None: ...

@@ -104,6 +104,9 @@ def script_request(
             "$rU": ruri_user,
             "$rd": ruri_host,
             "$ci": CALL_ID,
+            # Microsoft's side is mutual TLS: its certificate names the Microsoft proxy.
+            "$tls_peer_subject_cn": "" if cucm else MS_FQDN,
+            "$tls_peer_san_hostname": "" if cucm else MS_FQDN,
         }
     )
     if sdp:
@@ -118,6 +121,7 @@ def script_request(
             # A new request: no transaction exists yet (tm returns -1 for both).
             "tmx.t_precheck_trans": -1,
             "tm.t_check_trans": -1,
+            "tls.is_peer_verified": 1,
         }
     )
 
@@ -154,6 +158,8 @@ def actions(ksr: KsrDouble) -> list[Call]:
         "siputils.has_totag",
         "textops.has_body_type",
         "rr.loose_route",
+        "tls.is_peer_verified",
+        "warn",  # refusal log lines; test_refusals_are_logged checks them
     }
     return [c for c in ksr.calls if c[0] not in reads and c[0] != "sanity.sanity_check"]
 
@@ -277,6 +283,16 @@ def test_options_is_answered_200_and_nothing_else(ksr: KsrDouble, handler: kemi.
     script_request(ksr, "OPTIONS", side=side, ruri_host="127.0.0.1")
     assert handler.ksr_request_route(None) == 1
     assert actions(ksr) == [("sl.sl_send_reply", (200, "OK"))]
+
+
+def test_refusals_are_logged_with_source_and_side(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$si"] = "127.0.0.9"
+    assert handler.ksr_request_route(None) == 1
+    logs = [args[0] for name, args in ksr.calls if name == "warn"]
+    assert logs == [
+        f"kemi-o365: 403 Forbidden to INVITE from 127.0.0.9:26012 on the cucm side (Call-ID {CALL_ID})\n"
+    ]
 
 
 def test_unknown_listener_is_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> None:

@@ -17,6 +17,7 @@ from kemi_o365.decision import (
     MediaAction,
     RelayCancel,
     RelayInDialog,
+    RelayToCucm,
     RelayToMicrosoft,
     ReplyAction,
     Respond,
@@ -96,6 +97,26 @@ def in_dialog(method: Method, side: Side, **changes: object) -> Request:
         "source_ip": "127.0.0.4" if side is Side.CUCM else "127.0.0.3",
         "transport": Transport.TCP if side is Side.CUCM else Transport.TLS,
     }
+    if side is Side.MICROSOFT:
+        facts.update(MICROSOFT_TLS)
+    facts.update(changes)
+    return request(**facts)
+
+
+# A request over a mutual-TLS connection whose client certificate verified and names Microsoft.
+MICROSOFT_TLS: dict[str, object] = {
+    "side": Side.MICROSOFT,
+    "source_ip": "127.0.0.3",
+    "transport": Transport.TLS,
+    "tls_verified": True,
+    "tls_peer_names": (MS_FQDN,),
+}
+
+
+def from_microsoft(**changes: object) -> Request:
+    """An initial request Microsoft starts (Play on Phone INVITE by default)."""
+    facts: dict[str, object] = {**MICROSOFT_TLS, "ruri_user": "10048", "ruri_host": "sbc-o365.example.com"}
+    facts["sdp"] = MS_SDP
     facts.update(changes)
     return request(**facts)
 
@@ -185,14 +206,72 @@ CASES = [
     Case("OPTIONS from CUCM", request(method=Method.OPTIONS, has_sdp=False, sdp=""), Respond(200, "OK")),
     Case(
         "OPTIONS from Microsoft",
-        request(method=Method.OPTIONS, side=Side.MICROSOFT, source_ip="127.0.0.3", transport=Transport.TLS),
+        from_microsoft(method=Method.OPTIONS, has_sdp=False, sdp=""),
         Respond(200, "OK"),
     ),
     Case("CANCEL from CUCM", request(method=Method.CANCEL, has_sdp=False, sdp=""), RelayCancel(DELETE)),
     Case(
-        "initial INVITE from Microsoft",
-        request(side=Side.MICROSOFT, source_ip="127.0.0.3", transport=Transport.TLS),
-        Respond(404, "Not Found"),
+        "initial INVITE from Microsoft (Play on Phone) goes to CUCM as plain RTP",
+        from_microsoft(),
+        RelayToCucm(
+            request_uri="sip:10048@127.0.0.4:5060;transport=tcp",
+            destination="sip:127.0.0.4:5060;transport=tcp",
+            send_socket="tcp:127.0.0.1:5060",
+            record_route=(
+                "127.0.0.1:5060;transport=tcp;r2=on",
+                "sbc-o365.example.com:5061;transport=tls;r2=on",
+            ),
+            media=Media(
+                MediaAction.OFFER,
+                flag_string((*DEFAULT_OFFER_TO_CUCM, "direction=external", "direction=internal")),
+                MS_SDP_STRIPPED,
+            ),
+        ),
+    ),
+    Case(
+        "message-waiting NOTIFY from Microsoft goes to CUCM without media or Record-Route",
+        from_microsoft(method=Method.NOTIFY, has_sdp=False, sdp=""),
+        RelayToCucm(
+            request_uri="sip:10048@127.0.0.4:5060;transport=tcp",
+            destination="sip:127.0.0.4:5060;transport=tcp",
+            send_socket="tcp:127.0.0.1:5060",
+            record_route=None,
+            media=None,
+        ),
+    ),
+    Case(
+        "REGISTER from Microsoft", from_microsoft(method=Method.REGISTER), Respond(405, "Method Not Allowed")
+    ),
+    Case(
+        "INVITE from Microsoft without SDP",
+        from_microsoft(has_sdp=False, sdp=""),
+        Respond(488, "Not Acceptable Here (no SDP offer)"),
+    ),
+    Case(
+        "Microsoft side, certificate not verified",
+        from_microsoft(tls_verified=False),
+        Respond(403, "Forbidden"),
+    ),
+    Case(
+        "Microsoft side, certificate names someone else",
+        from_microsoft(tls_peer_names=("sbc.attacker.example.org",)),
+        Respond(403, "Forbidden"),
+    ),
+    Case(
+        "Microsoft side, wildcard covers one label only",
+        from_microsoft(tls_peer_names=("x.y.um.example.net",)),
+        Respond(403, "Forbidden"),
+    ),
+    Case(
+        "Microsoft side, address outside the listed networks",
+        from_microsoft(source_ip="127.0.0.9"),
+        Respond(403, "Forbidden"),
+    ),
+    Case("Microsoft side, not TLS", from_microsoft(transport=Transport.TCP), Respond(403, "Forbidden")),
+    Case(
+        "in-dialog BYE from Microsoft over an unverified connection",
+        in_dialog(Method.BYE, Side.MICROSOFT, tls_verified=False),
+        Respond(403, "Forbidden"),
     ),
     Case(
         "ACK outside dialog",
