@@ -11,9 +11,9 @@ from . import sanity as sanity
 from . import siputils as siputils
 from . import sl as sl
 from . import textops as textops
+from . import tls as tls
 from . import tm as tm
 from . import tmx as tmx
-from . import tls as tls
 from . import uac as uac
 
 def err(msg: str) -> None: ...
