@@ -36,6 +36,11 @@ DEFAULT_OFFER_TO_MICROSOFT: tuple[str, ...] = (
     "direction=internal",
     "direction=external",
     *(f"SDES-no-{suite}" for suite in OTHER_SDES_SUITES),
+    # Seed 003: Microsoft answers 488 to a=crypto with UNAUTHENTICATED_SRTP. When CUCM already offers
+    # SRTP, rtpengine 10.5 copies its session parameters; these make the offered ones plain SDES.
+    "SDES-authenticated_srtp",
+    "SDES-encrypted_srtp",
+    "SDES-encrypted_srtcp",
 )
 
 # Microsoft -> CUCM: rtpengine remembers the offer's RTP/AVP and answers CUCM in plain RTP.

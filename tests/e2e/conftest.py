@@ -11,6 +11,7 @@ import os
 import random
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def lab_policy_data(**overrides: Any) -> dict[str, Any]:
     data["sbc"]["external"]["port"] = _free("127.0.0.2", socket.SOCK_STREAM)
     data["microsoft"]["proxies"][0]["port"] = _free("127.0.0.3", socket.SOCK_STREAM)
     data["rtpengine"]["control"]["port"] = _free("127.0.0.1", socket.SOCK_DGRAM)
+    data["cucm"]["port"] = _free_both(data["cucm"]["address"])
     data["rtpengine"]["port_min"], data["rtpengine"]["port_max"] = media_window()
     data.update(overrides)
     return data
@@ -76,6 +78,11 @@ class Lab:
         return cucm_address(self.policy)
 
     @property
+    def microsoft_listener(self) -> tuple[str, int]:
+        """The SBC's TLS listener, where Microsoft opens its own connections."""
+        return self.policy.sbc.external.address, self.policy.sbc.external.port
+
+    @property
     def cucm_target(self) -> str:
         internal = self.policy.sbc.internal
         return f"{internal.address}:{internal.port}"
@@ -86,11 +93,18 @@ def start_lab(root: Path, data: dict[str, Any]) -> tuple[Policy, Path]:
     return policy, root / "pki"
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    policy, pki = start_lab(tmp_path, lab_policy_data())
-    with microsoft_peer(policy, pki) as peer, Stack(policy, RunDir(tmp_path / "run")) as stack:
-        yield Lab(tmp_path, policy, peer, stack)
+@contextmanager
+def running_lab(root: Path, data: dict[str, Any]) -> Iterator[Lab]:
+    """The whole lab for one policy; every process it started is stopped when the block ends."""
+    policy, pki = start_lab(root, data)
+    with microsoft_peer(policy, pki) as peer, Stack(policy, RunDir(root / "run")) as stack:
+        yield Lab(root, policy, peer, stack)
         procs = dict(stack.procs)
     for name, proc in procs.items():
         assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running after the test"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with running_lab(tmp_path, lab_policy_data()) as running:
+        yield running

@@ -45,7 +45,10 @@ def test_risky_but_legal_settings_are_warned_about(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_lab_policy(
-        tmp_path, "tls_versions: [TLSv1.2, TLSv1.3]", "tls_versions: [TLSv1, TLSv1.1, TLSv1.2]", LAB_POLICY
+        tmp_path,
+        "tls_versions: [TLSv1.2, TLSv1.3]",
+        "tls_versions: [TLSv1, TLSv1.1, TLSv1.2, TLSv1.3]",
+        LAB_POLICY,
     )
     assert main(["policy", "check", str(path)]) == EXIT_OK
     out, err = capsys.readouterr()

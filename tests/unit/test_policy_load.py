@@ -533,3 +533,28 @@ def test_policy_objects_are_frozen(lab: Policy) -> None:
         lab.microsoft.strip_answer_prefixes,
     ):
         assert isinstance(seq, tuple)
+
+
+@pytest.mark.parametrize(
+    ("versions", "accepted"),
+    [
+        ("[TLSv1.2, TLSv1.3]", ("TLSv1.2", "TLSv1.3")),
+        ("[TLSv1.3, TLSv1.2]", ("TLSv1.2", "TLSv1.3")),
+        ("[TLSv1.2]", ("TLSv1.2",)),
+        ("[TLSv1.2, TLSv1.1]", None),
+        ("[TLSv1.3]", None),
+        ("[TLSv1.1, TLSv1.3]", None),
+    ],
+)
+def test_tls_versions_must_be_what_kamailio_can_express(
+    tmp_path: Path, versions: str, accepted: tuple[str, ...] | None
+) -> None:
+    path = tmp_path / "policy.yaml"
+    text = lab_policy_text(make_pki_files(tmp_path / "pki"))
+    path.write_text(text.replace("tls_versions: [TLSv1.2, TLSv1.3]", f"tls_versions: {versions}"))
+    if accepted is not None:
+        assert load_policy(path).sbc.external.tls_versions == accepted
+        return
+    message = load_error(path)
+    assert ": sbc.external.tls_versions: " in message
+    assert "contiguous" in message or "Kamailio 5.6 can accept one version below 1.3" in message
