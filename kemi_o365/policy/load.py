@@ -304,12 +304,13 @@ def _tls_versions(r: _Reader, node: Node | None) -> tuple[str, ...]:
     if len(ordered) != last - first + 1:
         # Kamailio's tls `method` is one version or a "from X up" range: it cannot skip one.
         r.problem(node, "sbc.external.tls_versions", f"versions must be contiguous, got {', '.join(ordered)}")
-    elif "TLSv1.3" not in ordered and len(ordered) > 1 or ordered == ("TLSv1.3",):
+    elif ("TLSv1.3" not in ordered and len(ordered) > 1) or ordered == ("TLSv1.3",):
         # Kamailio 5.6's tls `method` is "TLSv1.X" (that one) or "TLSv1.X+" (up to 1.3); nothing else.
         r.problem(
             node,
             "sbc.external.tls_versions",
-            f"Kamailio 5.6 can accept one version below 1.3, or a range up to TLSv1.3; got {', '.join(ordered)}",
+            "Kamailio 5.6 can accept one version below 1.3, or a range up to TLSv1.3; "
+            f"got {', '.join(ordered)}",
         )
     return ordered
 
