@@ -23,7 +23,17 @@ EXIT_BAD_INPUT = 2
 
 
 def _policy_check(args: argparse.Namespace) -> int:
+    from kemi_o365.preflight import policy_errors
+
     policy = load_policy(args.file)
+    # A certificate Microsoft would refuse (403 under Exchange UM for a wildcard or a subject that is
+    # not exactly the FQDN) makes the policy unusable, not just risky.
+    errors = policy_errors(policy)
+    if errors:
+        print("policy refused: Microsoft would reject this SBC's TLS identity:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     proxies = ", ".join(
         f"{p.fqdn}:{p.port}" + (f" (pinned {p.address})" if p.address else "")
         for p in policy.microsoft.proxies
@@ -127,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the run directory (logs, traces)")
     demo.set_defaults(func=_demo)
+
+    from kemi_o365 import preflight
+
+    preflight.add_parser(sub)
 
     lab = sub.add_parser("lab", help="lab helpers")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -44,7 +44,7 @@ class LabPki:
     ms_fqdn: str
 
 
-def make_lab_pki(directory: Path, sbc_fqdn: str, ms_fqdn: str, *, valid_days: int = 30) -> LabPki:
+def make_lab_pki(directory: Path, sbc_fqdn: str, ms_fqdn: str, *, valid_days: int = 365) -> LabPki:
     """Create (or reuse, when still good for more than a day) the CA, SBC and Microsoft-peer certificates."""
     directory = Path(directory)
     pki = LabPki(

@@ -82,7 +82,8 @@ def _sbc_fqdn(policy_file: Path) -> str:
 
 
 @contextmanager
-def microsoft_peer(policy: Policy, pki: Path) -> Iterator[MicrosoftPeer]:
+def microsoft_peer(policy: Policy, pki: Path, *, keylog_file: Path | None = None) -> Iterator[MicrosoftPeer]:
+    """The Microsoft peer at the pinned proxy address, enforcing the policy profile's rules."""
     proxy = policy.microsoft.proxies[0]
     assert proxy.address, "the lab needs a pinned Microsoft proxy address"
     peer = MicrosoftPeer(
@@ -93,6 +94,9 @@ def microsoft_peer(policy: Policy, pki: Path) -> Iterator[MicrosoftPeer]:
         ca=pki / "ca.crt",
         media_ip=proxy.address,
         contact_host=proxy.fqdn,
+        profile=policy.microsoft.profile,
+        expected_sbc_fqdn=policy.sbc.fqdn,
+        keylog_file=keylog_file,
     )
     with peer:
         yield peer

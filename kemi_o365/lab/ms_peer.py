@@ -2,8 +2,14 @@
 
 Why our own: Debian's SIPp has no TLS, and the Microsoft side is the one the SBC must satisfy: mutual
 TLS, the 200 OK shape of the seed capture (a second, private c= line under m=, one SDES crypto line),
-in-dialog BYE along the route set. It answers on the connection a request came in on and never opens
-one, so it cannot reach beyond the loopback addresses it is given.
+in-dialog BYE along the route set. It enforces exactly the rules of `kemi_o365.rules` for its profile
+and, like Microsoft, answers a breach with 403/488, naming the rule in a Warning header.
+
+It answers on the connection a request came in on. Requests Microsoft starts (re-INVITE, MWI NOTIFY,
+Play on Phone) go out on a connection of its own to the SBC's external listener: Microsoft does not
+reuse the SBC's connections (no RFC 5923 aliasing, MICROSOFT-NOTES §1.6), and the seed 003 Acme SBC
+failed exactly these requests because it refused Microsoft's own connections. Every address, ours and
+the targets, must be a loopback one.
 
 Threads: one accepts, one per connection owns that connection's TLS socket for reading *and* writing
 (an OpenSSL connection must not be used from two threads at once); other threads hand it messages
@@ -31,7 +37,9 @@ from typing import Literal
 from cryptography import x509
 
 from kemi_o365.lab.certs import cert_cn, cert_san_dns
-from kemi_o365.sipmsg import SipMessage, SipParseError, StreamReader, header_param, uri_of
+from kemi_o365.policy.model import Profile
+from kemi_o365.rules import InviteView, Violation, evaluate
+from kemi_o365.sipmsg import SipMessage, SipParseError, StreamReader, header_param, uri_host, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,9 @@ MS_TLS12_CIPHERS = (
 )
 SERVER_HEADER = "RTCC/ MSExchangeUM/15.01.0231.021"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
+# RFC 3261 §20.43: 399 is the "miscellaneous" warn-code, free text for the rule that failed.
+WARN_CODE = 399
+MWI_CONTENT_TYPE = "application/simple-message-summary"  # RFC 3842 §6
 CRYPTO_SUITE = "AES_CM_128_HMAC_SHA1_80"
 SRTP_KEY_BYTES = 30  # 16-byte master key + 14-byte master salt (RFC 4568 §6.2.1)
 
@@ -54,7 +65,7 @@ CallState = Literal["proceeding", "answered", "confirmed", "rejected", "cancelle
 
 @dataclass(frozen=True)
 class ConnInfo:
-    """One accepted TLS connection, as the SBC presented itself on it."""
+    """One TLS connection, as the SBC presented itself on it (client cert, or server cert if outbound)."""
 
     peer: tuple[str, int]
     local: tuple[str, int]
@@ -62,6 +73,15 @@ class ConnInfo:
     san_dns: tuple[str, ...]
     tls_version: str | None
     cipher: str | None
+    outbound: bool = False
+    """True: the peer opened it (requests Microsoft starts); False: the SBC did."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """CN first ("" if none), then SAN DNS names; () without a certificate (rules.InviteView)."""
+        if self.cert_cn is None and not self.san_dns:
+            return ()
+        return (self.cert_cn or "", *self.san_dns)
 
 
 @dataclass(frozen=True)
@@ -89,7 +109,7 @@ class TlsFailure:
 
 @dataclass
 class Call:
-    """Dialog state the peer keeps per Call-ID (the UAS side of RFC 3261 §12.1.1)."""
+    """Dialog state the peer keeps per Call-ID (RFC 3261 §12.1.1 as UAS, §12.1.2 for calls it starts)."""
 
     call_id: str
     invite: SipMessage
@@ -104,6 +124,11 @@ class Call:
     srtp_key: str = ""  # base64 inline key of our a=crypto line
     media_sock: socket.socket | None = field(default=None, repr=False)
     answer_at: float | None = None  # monotonic deadline of a delayed final answer
+    local_party: str = ""  # our From/To value in in-dialog requests, with our tag
+    remote_party: str = ""  # theirs, with their tag
+    destination_host: str | None = None  # host the dialog's INVITE was addressed to (rule to-host)
+    outbound: bool = False  # True: the peer started the call (Play on Phone)
+    sdp_version: int = 0  # o= version of our SDP; RFC 3264 §8 wants +1 for each changed offer
 
     def close_media(self) -> None:
         if self.media_sock is not None:
@@ -129,6 +154,21 @@ class _Framer:
             out.append((msg, self._raw[:total]))
             self._raw = self._raw[total:]
         return out
+
+
+@dataclass(frozen=True)
+class PeerCall:
+    """The outcome of a call the peer started (Play on Phone)."""
+
+    call_id: str
+    final: SipMessage
+    """The final response to the INVITE."""
+    provisional: tuple[SipMessage, ...]
+    """180/183... before it, in order."""
+    answer_sdp: str | None
+    """The SBC's SDP answer (2xx only)."""
+    bye: SipMessage | None
+    """The final response to our BYE; None without hangup, or when the SBC hung up first."""
 
 
 class _Link:
@@ -159,7 +199,13 @@ class MicrosoftPeer:
         require_client_cert: bool = True,
         contact_host: str | None = None,
         ciphers: str = MS_TLS12_CIPHERS,
+        profile: Profile = Profile.EXCHANGE_UM,
+        expected_sbc_fqdn: str | None = None,
+        keylog_file: Path | None = None,
     ) -> None:
+        """`profile` picks the rules enforced on INVITEs (kemi_o365.rules); `expected_sbc_fqdn` is the
+        FQDN Microsoft was configured with for the SBC (None: the certificate rules are skipped);
+        `keylog_file` gets NSS key-log lines of every connection, so tshark can decrypt a capture."""
         _require_loopback(host)
         _require_loopback(media_ip)
         self.host = host
@@ -171,15 +217,20 @@ class MicrosoftPeer:
         self.contact_host = contact_host or _cert_file_cn(Path(cert)) or host
         self.answer_code: tuple[int, str] = (200, "OK")
         self.answer_delay = 0.0  # > 0: send 180 and answer later, leaving room for a CANCEL
-        # When set, an INVITE/OPTIONS on a connection whose client CN differs (case-sensitively) gets
-        # 403, as Exchange UM Online answered a wildcard or mismatched certificate (NOTES §1.9).
-        self.require_cn: str | None = None
+        self.profile = profile
+        self.expected_sbc_fqdn = expected_sbc_fqdn
         self.received: list[Received] = []
         self.sent: list[Sent] = []
-        self.connections: list[ConnInfo] = []
+        self.connections: list[ConnInfo] = []  # accepted (SBC-initiated) connections
+        self.outbound_connections: list[ConnInfo] = []  # the ones the peer opened
         self.tls_failures: list[TlsFailure] = []
+        self.violations: list[Violation] = []  # the rule each refused request was answered with
         self.calls: dict[str, Call] = {}
         self._ctx = _server_context(Path(cert), Path(key), Path(ca), require_client_cert, ciphers)
+        self._client_ctx = _client_context(Path(cert), Path(key), Path(ca), ciphers)
+        if keylog_file is not None:
+            for ctx in (self._ctx, self._client_ctx):
+                ctx.keylog_filename = str(keylog_file)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
@@ -243,6 +294,11 @@ class MicrosoftPeer:
         self, predicate: Callable[[Received], bool], timeout: float = 5.0, *, start: int = 0
     ) -> Received:
         """First received message (from index `start`) matching `predicate`; TimeoutError after `timeout`."""
+        return self._wait_index(predicate, timeout, start)[1]
+
+    def _wait_index(
+        self, predicate: Callable[[Received], bool], timeout: float, start: int
+    ) -> tuple[int, Received]:
         deadline = time.monotonic() + timeout
         index = start
         with self._cond:
@@ -251,7 +307,7 @@ class MicrosoftPeer:
                     rec = self.received[index]
                     index += 1
                     if predicate(rec):
-                        return rec
+                        return index - 1, rec
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no matching message within {timeout}s")
@@ -266,24 +322,169 @@ class MicrosoftPeer:
             if not call.link.open:
                 raise ConnectionError(f"the connection of call {call_id} is closed")
             call.local_cseq += 1
-            cseq = call.local_cseq
-            bye = self._in_dialog_request(call, "BYE", cseq)
-            start = len(self.received)
-        self._emit(call.link, bye)
-
-        def is_final(rec: Received) -> bool:
-            m = rec.msg
-            return (
-                not m.is_request
-                and m.get("Call-ID") == call_id
-                and _cseq(m) == (cseq, "BYE")
-                and m.status >= 200
-            )
-
-        final = self.wait_for(is_final, timeout, start=start).msg
+            bye = self._in_dialog_request(call, "BYE", call.local_cseq, call.link)
+        final, _ = self._transact(call.link, bye, timeout)
         call.state = "ended"
         call.close_media()
         return final
+
+    # ----- requests Microsoft starts ----------------------------------------------------------
+
+    def reinvite(
+        self,
+        call_id: str,
+        *,
+        sdp: str | None = None,
+        target: tuple[str, int],
+        sbc_fqdn: str | None = None,
+        timeout: float = 5.0,
+    ) -> SipMessage:
+        """Send an in-dialog re-INVITE for an answered call over a new connection to `target`; ACK a 2xx.
+
+        Without `sdp`, the offer is our current SDP with a fresh SRTP key (and o= version + 1), as
+        Exchange UM re-keyed on re-INVITE. `sbc_fqdn` (default: expected_sbc_fqdn, else the CN the
+        SBC presented on the call's connection) is the name the SBC's certificate must carry.
+        """
+        with self._cond:
+            call = self.calls[call_id]
+            if call.state not in ("answered", "confirmed"):
+                raise RuntimeError(f"call {call_id} is {call.state}, not answered")
+        name = sbc_fqdn or self.expected_sbc_fqdn or call.conn.cert_cn
+        if not name:
+            raise ValueError("no SBC FQDN to verify the SBC's certificate against; pass sbc_fqdn")
+        link = self._connect(target, name)
+        old_key, old_version = call.srtp_key, call.sdp_version
+        if sdp is None:
+            call.srtp_key = _new_srtp_key()
+            call.sdp_version += 1
+            sdp = self._answer_sdp(call)
+        with self._cond:
+            call.local_cseq += 1
+            req = self._in_dialog_request(call, "INVITE", call.local_cseq, link)
+        req.headers += [
+            ("Contact", self._contact()),
+            ("Content-Type", "application/sdp"),
+        ]
+        req.body = sdp
+        final, _ = self._transact(link, req, timeout)
+        if 200 <= final.status < 300:
+            # A 2xx refreshes the remote target (RFC 3261 §12.2.1.2); the ACK goes to the new one.
+            if final.has("Contact"):
+                call.remote_contact = uri_of(final.get("Contact"))
+            self._emit(link, self._ack(call, link, req, final))
+        else:
+            call.srtp_key, call.sdp_version = old_key, old_version  # a refused offer changes nothing
+            self._emit(link, _ack_non_2xx(req, final))
+        return final
+
+    def notify_mwi(
+        self,
+        target: tuple[str, int],
+        *,
+        to_user: str,
+        sbc_fqdn: str,
+        messages_waiting: bool = True,
+        timeout: float = 5.0,
+    ) -> SipMessage:
+        """An out-of-dialog message-waiting NOTIFY (RFC 3842) for `to_user`, over a new connection."""
+        link = self._connect(target, sbc_fqdn)
+        account = f"sip:{to_user}@{sbc_fqdn}"
+        waiting, count = ("yes", "1/0") if messages_waiting else ("no", "0/0")
+        req = SipMessage(
+            f"NOTIFY {account} SIP/2.0",
+            [
+                ("Via", self._via(link)),
+                ("Max-Forwards", "70"),
+                ("From", f"<sip:{self.contact_host}>;tag={secrets.token_hex(5)}"),
+                ("To", f"<{account}>"),
+                ("Call-ID", f"{secrets.token_hex(12)}@{self.contact_host}"),
+                ("CSeq", "1 NOTIFY"),
+                ("Contact", self._contact()),
+                ("Event", "message-summary"),
+                ("Subscription-State", "active"),
+                ("User-Agent", SERVER_HEADER),
+                ("Content-Type", MWI_CONTENT_TYPE),
+            ],
+            f"Messages-Waiting: {waiting}\r\nMessage-Account: {account}\r\nVoice-Message: {count} (0/0)\r\n",
+        )
+        final, _ = self._transact(link, req, timeout)
+        return final
+
+    def call(
+        self,
+        target: tuple[str, int],
+        *,
+        to_user: str,
+        sbc_fqdn: str,
+        from_user: str = "87000",
+        hold_s: float = 0.5,
+        hangup: bool = True,
+        timeout: float = 5.0,
+    ) -> PeerCall:
+        """Play on Phone: a new SRTP call to `to_user` behind the SBC, over a new connection.
+
+        Waits for the final response (provisionals allowed before), ACKs a 2xx, and with `hangup`
+        sends BYE after `hold_s` unless the SBC hung up first. `timeout` bounds each transaction.
+        """
+        link = self._connect(target, sbc_fqdn)
+        call_id = f"{secrets.token_hex(12)}@{self.contact_host}"
+        local_tag = secrets.token_hex(5)
+        request_uri = f"sip:{to_user}@{sbc_fqdn}"
+        req = SipMessage(
+            f"INVITE {request_uri} SIP/2.0",
+            [
+                ("Via", self._via(link)),
+                ("Max-Forwards", "70"),
+                ("From", f"<sip:{from_user}@{self.contact_host}>;tag={local_tag}"),
+                ("To", f"<{request_uri}>"),
+                ("Call-ID", call_id),
+                ("CSeq", "1 INVITE"),
+                ("Contact", self._contact()),
+                ("Allow", ALLOW),
+                ("User-Agent", SERVER_HEADER),
+                ("Content-Type", "application/sdp"),
+            ],
+        )
+        call = Call(
+            call_id=call_id,
+            invite=req,
+            conn=link.info,
+            local_tag=local_tag,
+            remote_contact=request_uri,
+            route_set=[],
+            local_cseq=1,
+            link=link,
+            local_party=req.get("From"),
+            remote_party=req.get("To"),
+            destination_host=self.contact_host,
+            outbound=True,
+        )
+        self._open_media(call)
+        req.body = self._answer_sdp(call, private_c=False)
+        with self._cond:
+            self.calls[call_id] = call
+        final, provisional = self._transact(link, req, timeout)
+        if not 200 <= final.status < 300:
+            call.state = "rejected"
+            call.close_media()
+            self._emit(link, _ack_non_2xx(req, final))
+            return PeerCall(call_id, final, tuple(provisional), None, None)
+        # RFC 3261 §12.1.2: the UAC's route set is the 2xx's Record-Route in reverse order.
+        rr = [r for value in final.get_all("Record-Route") for r in split_name_addrs(value)]
+        call.route_set = rr[::-1]
+        call.remote_contact = uri_of(final.get("Contact")) or request_uri
+        call.remote_party = final.get("To")
+        call.state = "answered"
+        self._emit(link, self._ack(call, link, req, final))
+        call.state = "confirmed"
+        bye: SipMessage | None = None
+        if hangup:
+            deadline = time.monotonic() + hold_s
+            while time.monotonic() < deadline and self._call_state(call_id) != "ended":
+                time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
+            if self._call_state(call_id) != "ended":
+                bye = self.hangup(call_id, timeout)
+        return PeerCall(call_id, final, tuple(provisional), final.body or None, bye)
 
     # ----- connections ------------------------------------------------------------------------
 
@@ -308,12 +509,44 @@ class MicrosoftPeer:
         link = self._handshake(raw, (addr[0], addr[1]))
         if link is None:
             return
+        self._run_link(link)
+
+    def _run_link(self, link: _Link) -> None:
         try:
             self._pump(link)
         finally:
             link.open = False
             link.sock.close()
             log.debug("connection %s closed", link.info.peer)
+
+    def _connect(self, target: tuple[str, int], server_name: str) -> _Link:
+        """Open our own TLS connection to the SBC (our certificate, theirs verified for `server_name`)."""
+        _require_loopback(target[0])
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_STREAM)
+        raw.settimeout(_HANDSHAKE_TIMEOUT)
+        try:
+            raw.bind((self.host, 0))  # from the peer's address, as the SBC's ACL expects
+            raw.connect(target)
+            tls = self._client_ctx.wrap_socket(raw, server_hostname=server_name)
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            self._tls_failed(target, exc)
+            raise ConnectionError(f"TLS connection to {target[0]}:{target[1]} failed: {exc}") from exc
+        info = _conn_info(tls, target, outbound=True)
+        link = _Link(tls, info)
+        thread = threading.Thread(
+            target=self._run_link, args=(link,), name=f"ms-peer-out-{info.local[1]}", daemon=True
+        )
+        link.owner = thread  # set before start: every send from other threads must go through the queue
+        with self._cond:
+            self._links.append(link)
+            self._conn_threads.append(thread)
+            self.outbound_connections.append(info)
+            self._cond.notify_all()
+        thread.start()
+        log.info("TLS to %s:%d from %s: %s %s", *target, info.local, info.tls_version, info.cipher)
+        return link
 
     def _handshake(self, raw: socket.socket, addr: tuple[str, int]) -> _Link | None:
         raw.settimeout(_HANDSHAKE_TIMEOUT)
@@ -413,21 +646,45 @@ class MicrosoftPeer:
         }
         handlers.get(msg.method, self._on_unknown)(link, msg)
 
-    def _cn_refused(self, link: _Link, msg: SipMessage) -> bool:
-        if self.require_cn is None or link.info.cert_cn == self.require_cn:
-            return False
-        self._send(link, self._response(link, msg, 403, "Forbidden"))
-        return True
+    def _breach(
+        self, link: _Link, msg: SipMessage, destination_host: str | None, *, identity_only: bool = False
+    ) -> Violation | None:
+        """The first rule of our profile the request breaks (kemi_o365.rules), recorded; None if none.
+
+        `identity_only` keeps the 403 rules (certificate, Contact): they are about who is talking and
+        apply to OPTIONS too (MICROSOFT-NOTES §1.3), while the 488 ones read an INVITE's offer.
+        """
+        view = InviteView(
+            msg=msg,
+            destination_host=destination_host,
+            tls_client_names=link.info.names,
+            expected_sbc_fqdn=self.expected_sbc_fqdn,
+        )
+        found = [v for v in evaluate(view, self.profile) if not identity_only or v.rule.code == 403]
+        if not found:
+            return None
+        for extra in found[1:]:
+            log.info("also breaks %s: %s", extra.rule.name, extra.detail)
+        with self._cond:
+            self.violations.append(found[0])
+            self._cond.notify_all()
+        log.info("refusing %s %s: %s", msg.method, msg.get("Call-ID"), found[0].detail)
+        return found[0]
+
+    def _refusal(self, link: _Link, msg: SipMessage, v: Violation, tag: str | bool = True) -> SipMessage:
+        text = f"{v.rule.name}: {v.detail}".replace("\\", "\\\\").replace('"', '\\"')
+        warning = ("Warning", f'{WARN_CODE} {self.contact_host} "{text}"')
+        return self._response(link, msg, v.rule.code, v.rule.reason, tag=tag, extra=[warning])
 
     def _on_invite(self, link: _Link, msg: SipMessage) -> None:
-        if self._cn_refused(link, msg):
-            return
         call_id = msg.get("Call-ID")
         existing = self.calls.get(call_id)
         if existing is not None and header_param(msg.get("To"), "tag"):
             self._on_reinvite(link, msg, existing)
             return
-        self._send(link, self._response(link, msg, 100, "Trying", tag=False))
+        breach = self._breach(link, msg, uri_host(msg.ruri))
+        if breach is None:
+            self._send(link, self._response(link, msg, 100, "Trying", tag=False))
         call = Call(
             call_id=call_id,
             invite=msg,
@@ -438,9 +695,16 @@ class MicrosoftPeer:
             # Our CSeq space is independent of the caller's (RFC 3261 §12.1.1); any start works.
             local_cseq=secrets.randbelow(10_000) + 1,
             link=link,
+            remote_party=msg.get("From"),
+            destination_host=uri_host(msg.ruri),
         )
+        call.local_party = _with_tag(msg.get("To"), call.local_tag)
         with self._cond:
             self.calls[call_id] = call
+        if breach is not None:
+            call.state = "rejected"  # no media is opened for a refused offer
+            self._send(link, self._refusal(link, msg, breach, tag=call.local_tag))
+            return
         if self.answer_delay > 0:
             self._send(link, self._response(link, msg, 180, "Ringing", tag=call.local_tag))
             call.answer_at = time.monotonic() + self.answer_delay
@@ -448,10 +712,16 @@ class MicrosoftPeer:
             self._answer(link, call)
 
     def _on_reinvite(self, link: _Link, msg: SipMessage, call: Call) -> None:
-        # A session refresh: the media does not change, so the same answer (same o= version) is right.
         if call.state not in ("answered", "confirmed"):
             self._send(link, self._response(link, msg, 481, "Call/Transaction Does Not Exist"))
             return
+        # Same rules as the initial INVITE, against the dialog's destination: the Request-URI is now
+        # our Contact, but To must still name the forwarding address. A refusal leaves the call up.
+        breach = self._breach(link, msg, call.destination_host)
+        if breach is not None:
+            self._send(link, self._refusal(link, msg, breach))
+            return
+        # A session refresh: the media does not change, so the same answer (same o= version) is right.
         self._send(link, self._ok_with_answer(link, msg, call))
 
     def _answer_due(self, link: _Link) -> None:
@@ -473,15 +743,22 @@ class MicrosoftPeer:
             call.state = "rejected"
             self._send(link, self._response(link, call.invite, code, reason, tag=call.local_tag))
             return
+        self._open_media(call)
+        call.state = "answered"
+        self._send(link, self._ok_with_answer(link, call.invite, call, code, reason))
+        log.info("answered call %s, media %s:%d", call.call_id, self.media_ip, call.media_port)
+
+    def _open_media(self, call: Call) -> None:
         family = socket.AF_INET6 if ":" in self.media_ip else socket.AF_INET
         media = socket.socket(family, socket.SOCK_DGRAM)
         media.bind((self.media_ip, 0))
         call.media_sock = media
         call.media_port = media.getsockname()[1]
-        call.srtp_key = base64.b64encode(secrets.token_bytes(SRTP_KEY_BYTES)).decode()
-        call.state = "answered"
-        self._send(link, self._ok_with_answer(link, call.invite, call, code, reason))
-        log.info("answered call %s, media %s:%d", call.call_id, self.media_ip, call.media_port)
+        call.srtp_key = _new_srtp_key()
+
+    def _call_state(self, call_id: str) -> CallState:
+        with self._cond:
+            return self.calls[call_id].state
 
     def _on_ack(self, link: _Link, msg: SipMessage) -> None:
         call = self.calls.get(msg.get("Call-ID"))
@@ -514,7 +791,9 @@ class MicrosoftPeer:
             )
 
     def _on_options(self, link: _Link, msg: SipMessage) -> None:
-        if self._cn_refused(link, msg):
+        breach = self._breach(link, msg, uri_host(msg.ruri), identity_only=True)
+        if breach is not None:
+            self._send(link, self._refusal(link, msg, breach))
             return
         extra = [("Allow", ALLOW), ("Accept", "application/sdp"), ("Server", SERVER_HEADER)]
         self._send(link, self._response(link, msg, 200, "OK", extra=extra))
@@ -551,7 +830,7 @@ class MicrosoftPeer:
         resp = self._response(link, invite, code, reason, tag=call.local_tag)
         resp.headers += [("Record-Route", rr) for rr in invite.get_all("Record-Route")]
         resp.headers += [
-            ("Contact", f"<sip:{self.contact_host}:{self.port};transport=tls>"),
+            ("Contact", self._contact()),
             ("Content-Type", "application/sdp"),
             ("P-Asserted-Identity", f"<{uri_of(invite.get('To'))}>"),
             ("Server", SERVER_HEADER),
@@ -561,17 +840,18 @@ class MicrosoftPeer:
         resp.body = self._answer_sdp(call)
         return resp
 
-    def _answer_sdp(self, call: Call) -> str:
+    def _answer_sdp(self, call: Call, *, private_c: bool = True) -> str:
+        """Our SDP (answer, or offer for calls we start / re-INVITEs): the seed's 200 OK shape."""
         net = "IP6" if ":" in self.media_ip else "IP4"
         lines = [
             "v=0",
-            f"o=- 85 0 IN {net} {self.media_ip}",
+            f"o=- 85 {call.sdp_version} IN {net} {self.media_ip}",
             "s=session",
             f"c=IN {net} {self.media_ip}",
             "t=0 0",
             f"m=audio {call.media_port} RTP/SAVP 0 101",
         ]
-        if self.answer_sdp_private_c:
+        if private_c and self.answer_sdp_private_c:
             # Exchange UM added its internal address at media level, overriding the session c=; the
             # seed's SBC had to strip it. Nothing listens there, so an SBC that keeps it loses audio.
             lines.append(f"c=IN IP4 {self.answer_sdp_private_c}")
@@ -583,22 +863,73 @@ class MicrosoftPeer:
         ]
         return "\r\n".join(lines) + "\r\n"
 
-    def _in_dialog_request(self, call: Call, method: str, cseq: int) -> SipMessage:
-        """RFC 3261 §12.2.1.1 from the UAS side: R-URI = remote target, Route = Record-Route as received."""
-        invite = call.invite
-        sent_by = f"[{self.host}]" if ":" in self.host else self.host
-        headers = [("Via", f"SIP/2.0/TLS {sent_by}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}")]
+    def _in_dialog_request(self, call: Call, method: str, cseq: int, link: _Link) -> SipMessage:
+        """RFC 3261 §12.2.1.1: R-URI = remote target, Route = the dialog's route set, sent on `link`."""
+        headers = [("Via", self._via(link))]
         # Loose routing assumed: Kamailio's Record-Route always carries ;lr.
         headers += [("Route", route) for route in call.route_set]
         headers += [
             ("Max-Forwards", "70"),
-            ("From", _with_tag(invite.get("To"), call.local_tag)),
-            ("To", invite.get("From")),
+            ("From", call.local_party),
+            ("To", call.remote_party),
             ("Call-ID", call.call_id),
             ("CSeq", f"{cseq} {method}"),
             ("User-Agent", SERVER_HEADER),
         ]
         return SipMessage(f"{method} {call.remote_contact} SIP/2.0", headers)
+
+    def _ack(self, call: Call, link: _Link, invite: SipMessage, final: SipMessage) -> SipMessage:
+        """ACK for a 2xx: a new transaction, same CSeq number (RFC 3261 §13.2.2.4)."""
+        ack = self._in_dialog_request(call, "ACK", _cseq(invite)[0], link)
+        ack.set("To", final.get("To"))
+        return ack
+
+    def _via(self, link: _Link) -> str:
+        """Our Via: on our own connections the address and ephemeral port we really send from."""
+        host, port = link.info.local if link.info.outbound else (self.host, self.port)
+        sent_by = f"[{host}]" if ":" in host else host
+        return f"SIP/2.0/TLS {sent_by}:{port};branch=z9hG4bK{secrets.token_hex(8)}"
+
+    def _contact(self) -> str:
+        return f"<sip:{self.contact_host}:{self.port};transport=tls>"
+
+    def _transact(self, link: _Link, req: SipMessage, timeout: float) -> tuple[SipMessage, list[SipMessage]]:
+        """Send a request and wait for its final response; (final, provisionals). TimeoutError after
+        `timeout`; ConnectionError if the connection closes first."""
+        branch = header_param(req.get("Via"), "branch")
+        want = _cseq(req)
+        with self._cond:
+            start = len(self.received)
+        self._emit(link, req)
+        provisional: list[SipMessage] = []
+        deadline = time.monotonic() + timeout
+
+        def ours(rec: Received) -> bool:
+            m = rec.msg
+            return (
+                not m.is_request
+                and m.get("Call-ID") == req.get("Call-ID")
+                and _cseq(m) == want
+                and header_param(m.get("Via"), "branch") == branch
+            )
+
+        while True:
+            try:
+                index, rec = self._wait_index(
+                    ours, min(_POLL * 4, max(0.0, deadline - time.monotonic())), start
+                )
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no final response to {want[1]} within {timeout}s") from None
+                if not link.open:
+                    raise ConnectionError(
+                        f"connection {link.info.peer} closed before a final response"
+                    ) from None
+                continue
+            start = index + 1
+            if rec.msg.status >= 200:
+                return rec.msg, provisional
+            provisional.append(rec.msg)
 
 
 # ----- small pure helpers ---------------------------------------------------------------------
@@ -629,6 +960,24 @@ def with_received(via: str, source_ip: str) -> str:
     if m is None or m.group(1).strip("[]") == source_ip or header_param(via, "received") is not None:
         return via
     return f"{via[: m.end()]};received={source_ip}{via[m.end() :]}"
+
+
+def _ack_non_2xx(invite: SipMessage, final: SipMessage) -> SipMessage:
+    """The transaction layer's ACK for a non-2xx final (RFC 3261 §17.1.1.3): same branch and R-URI."""
+    headers = [
+        ("Via", invite.get_all("Via")[0]),
+        *(("Route", r) for r in invite.get_all("Route")),
+        ("Max-Forwards", "70"),
+        ("From", invite.get("From")),
+        ("To", final.get("To")),
+        ("Call-ID", invite.get("Call-ID")),
+        ("CSeq", f"{_cseq(invite)[0]} ACK"),
+    ]
+    return SipMessage(f"ACK {invite.ruri} SIP/2.0", headers)
+
+
+def _new_srtp_key() -> str:
+    return base64.b64encode(secrets.token_bytes(SRTP_KEY_BYTES)).decode()
 
 
 def _with_tag(value: str, tag: str) -> str:
@@ -663,7 +1012,17 @@ def _server_context(
     return ctx
 
 
-def _conn_info(tls: ssl.SSLSocket, addr: tuple[str, int]) -> ConnInfo:
+def _client_context(cert: Path, key: Path, ca: Path, ciphers: str) -> ssl.SSLContext:
+    # Microsoft's side as TLS client: presents its certificate, verifies the SBC's name and chain.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(ciphers)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=ca)
+    return ctx
+
+
+def _conn_info(tls: ssl.SSLSocket, addr: tuple[str, int], *, outbound: bool = False) -> ConnInfo:
     der = tls.getpeercert(binary_form=True)
     cn: str | None = None
     sans: tuple[str, ...] = ()
@@ -679,4 +1038,5 @@ def _conn_info(tls: ssl.SSLSocket, addr: tuple[str, int]) -> ConnInfo:
         san_dns=sans,
         tls_version=tls.version(),
         cipher=cipher[0] if cipher else None,
+        outbound=outbound,
     )

@@ -9,15 +9,21 @@ from pathlib import Path
 import pytest
 
 from kemi_o365.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from tests.helpers import LAB_POLICY, REFERENCE_POLICY, lab_policy_text, make_pki_files
+from kemi_o365.lab.certs import make_lab_pki, make_leaf
+from tests.helpers import LAB_POLICY, REFERENCE_POLICY, lab_policy_text
 
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
+SBC_FQDN = "sbc-o365.example.com"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "kemi-o365"
 
 
 def write_lab_policy(tmp_path: Path, old: str = "", new: str = "", source: Path = REFERENCE_POLICY) -> Path:
-    """The reference policy (whose line numbers the messages cite), or the shipped lab one, edited."""
-    text = lab_policy_text(make_pki_files(tmp_path / "pki"), source)
+    """The reference policy (whose line numbers the messages cite), or the shipped lab one, edited.
+
+    The certificates are a real throwaway PKI: `policy check` also judges the SBC's TLS identity.
+    """
+    pki = make_lab_pki(tmp_path / "pki", SBC_FQDN, MS_FQDN)
+    text = lab_policy_text(pki.dir, source)
     if old:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
@@ -123,3 +129,27 @@ def test_console_script_entry_point(tmp_path: Path) -> None:
         "expected one of exchange-um, teams-direct-routing, got 'teams'\n"
     )
     assert (failed.returncode, failed.stdout, failed.stderr) == (2, "", expected)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "why"),
+    [
+        ({"wildcard": True}, "wildcard"),
+        ({"cn": "SBC-O365.example.com", "san": ["SBC-O365.example.com"]}, "sbc-o365.example.com"),
+    ],
+)
+def test_a_certificate_exchange_um_would_refuse_with_403_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], leaf: dict[str, object], why: str
+) -> None:
+    path = write_lab_policy(tmp_path, source=LAB_POLICY)
+    pki = tmp_path / "pki"
+    cert, key = make_leaf(pki, (pki / "ca.crt", pki / "ca.key"), SBC_FQDN, **leaf)  # type: ignore[arg-type]
+    path.write_text(
+        path.read_text().replace(str(pki / "sbc.crt"), str(cert)).replace(str(pki / "sbc.key"), str(key))
+    )
+    assert main(["policy", "check", str(path)]) == EXIT_BAD_INPUT
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("policy refused: Microsoft would reject this SBC's TLS identity:\n")
+    assert f"{cert}: sbc.tls.certificate: " in err
+    assert why in err
