@@ -12,7 +12,7 @@ import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,28 @@ from kemi_o365.launch import RunDir, Stack
 from kemi_o365.policy.model import Policy
 
 _windows = itertools.count()
+
+
+@dataclass
+class Matrix:
+    """Results of the conformance matrix, printed after the session (rule -> what happened)."""
+
+    direct: dict[str, str] = field(default_factory=dict)
+    through: dict[str, list[str]] = field(default_factory=dict)
+
+
+MATRIX = Matrix()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not MATRIX.direct and not MATRIX.through:
+        return
+    terminalreporter.section("Microsoft rules: straight to Microsoft's peer vs from CUCM through the SBC")
+    for rule in sorted({*MATRIX.direct, *MATRIX.through}):
+        terminalreporter.line(f"{rule}")
+        terminalreporter.line(f"    direct : {MATRIX.direct.get(rule, '-')}")
+        for through in MATRIX.through.get(rule, ["-"]):
+            terminalreporter.line(f"    via SBC: {through}")
 
 
 def _free(ip: str, kind: socket.SocketKind) -> int:
@@ -94,10 +116,13 @@ def start_lab(root: Path, data: dict[str, Any]) -> tuple[Policy, Path]:
 
 
 @contextmanager
-def running_lab(root: Path, data: dict[str, Any]) -> Iterator[Lab]:
+def running_lab(root: Path, data: dict[str, Any], *, keylog: Path | None = None) -> Iterator[Lab]:
     """The whole lab for one policy; every process it started is stopped when the block ends."""
     policy, pki = start_lab(root, data)
-    with microsoft_peer(policy, pki) as peer, Stack(policy, RunDir(root / "run")) as stack:
+    with (
+        microsoft_peer(policy, pki, keylog_file=keylog) as peer,
+        Stack(policy, RunDir(root / "run")) as stack,
+    ):
         yield Lab(root, policy, peer, stack)
         procs = dict(stack.procs)
     for name, proc in procs.items():

@@ -9,10 +9,8 @@ import io
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from kemi_o365.preflight import (
 from kemi_o365.rules import rules_for
 from kemi_o365.sipmsg import parse
 from tests.helpers import LAB_POLICY, lab_policy_text
+from tests.tshark import LoopbackCapture
 
 SBC_FQDN = "sbc-o365.example.com"
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
@@ -360,43 +359,6 @@ def _free_port(ip: str, kind: socket.SocketKind) -> int:
         return int(s.getsockname()[1])
 
 
-class _Tshark:
-    """tshark capturing on loopback into a file, started and stopped by PID, bounded in time."""
-
-    def __init__(self, pcap: Path, ports: list[int]) -> None:
-        bpf = " or ".join(f"port {p}" for p in ports)
-        cmd = ["tshark", "-i", "lo", "-w", str(pcap), "-f", bpf, "-a", "duration:30"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.stderr: list[str] = []
-        self.started = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        # dumpcap says "Capturing on" once the interface is open; packets sent before would be lost.
-        if not self.started.wait(15):
-            self.stop()
-            pytest.fail(f"tshark did not start capturing: {''.join(self.stderr)}")
-        time.sleep(0.2)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            if "Capturing on" in line:
-                self.started.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # tshark finishes writing the file on SIGINT
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-
-
 def _send_udp(port: int) -> None:
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
@@ -479,7 +441,7 @@ def capture(tmp_path_factory: pytest.TempPathFactory, pki: LabPki) -> Iterator[C
         tcp=_free_port("127.0.0.1", socket.SOCK_STREAM),
         tls=_free_port("127.0.0.3", socket.SOCK_STREAM),
     )
-    tshark = _Tshark(cap.pcap, [cap.udp, cap.tcp, cap.tls])
+    tshark = LoopbackCapture(cap.pcap, [cap.udp, cap.tcp, cap.tls])
     try:
         _send_udp(cap.udp)
         _send_tcp(cap.tcp)
