@@ -253,7 +253,10 @@ def build_command(
     cmd += ["-mi", media_ip]
     if media_port is not None:
         cmd += ["-mp", str(media_port)]
-    for name, value in {**DEFAULT_KEYS, **keys}.items():
+    # [rtp_port] is the audio port CUCM's SDP announces. SIPp binds its own -mp port (and +2) for
+    # itself, so a test that sends and receives real media passes its own socket's port here.
+    rtp_port = {"rtp_port": str(media_port or 6000)}
+    for name, value in {**DEFAULT_KEYS, **rtp_port, **keys}.items():
         cmd += ["-key", name, value]
     cmd += list(extra_args)
     return cmd

@@ -12,7 +12,7 @@ from pathlib import Path
 SEED_SCENARIO = Path(__file__).resolve().parent.parent.parent / "sipp-scenarios" / "seed-call" / "uac.xml"
 
 # The CUCM SDP lines of the seed INVITE, as they appear in the scenario (indented in the CDATA).
-_AUDIO_LINE = "m=audio [media_port] RTP/AVP 0 101"
+_AUDIO_LINE = "m=audio [rtp_port] RTP/AVP 0 101"
 _LAST_SDP_LINE = "a=ptime:20"
 _SEED_003_KEY = "0IYvn6An/4ghZuEH3WqmRoCGB3an5wJ1s5oqQwcA"
 _AES256_KEY = "d0RmdmcmVCspeEc3QGZiNWpVLFJhQX1cfHAwJSojKmIqLCpUMzNSeX1VWHcgQg=="
@@ -50,14 +50,14 @@ VARIANTS: tuple[Variant, ...] = (
             # Seed 003's rejected line: an Acme Packet offering SRTP without authentication.
             f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{_SEED_003_KEY} UNAUTHENTICATED_SRTP",
         ),
-        replace={_AUDIO_LINE: "m=audio [media_port] RTP/SAVP 0 101"},
+        replace={_AUDIO_LINE: "m=audio [rtp_port] RTP/SAVP 0 101"},
     ),
     Variant(
         "SRTP with another crypto suite",
         "crypto-suite-aes-cm-128-hmac-sha1-80",
         # AES-256 needs a 46-byte key+salt (RFC 6188): 64 base64 characters.
         add_sdp=(f"a=crypto:1 AES_256_CM_HMAC_SHA1_80 inline:{_AES256_KEY}",),
-        replace={_AUDIO_LINE: "m=audio [media_port] RTP/SAVP 0 101"},
+        replace={_AUDIO_LINE: "m=audio [rtp_port] RTP/SAVP 0 101"},
     ),
     Variant(
         "second m= line (video)",

@@ -455,7 +455,8 @@ def test_build_command_is_exactly_what_sipp_gets(tmp_path: Path) -> None:
         "-trace_msg", "-message_file", str(tmp_path / "m.log"),
         "-trace_err", "-error_file", str(tmp_path / "e.log"),
         "-mi", "127.0.0.1", "-mp", "26200",
-        "-key", "ruri_host", DEFAULT_KEYS["ruri_host"], "-key", "hold_ms", "900", "-key", "x", "y",
+        "-key", "ruri_host", DEFAULT_KEYS["ruri_host"], "-key", "hold_ms", "900", "-key", "rtp_port", "26200",
+        "-key", "x", "y",
         "-aa",
     ]  # fmt: skip
 
