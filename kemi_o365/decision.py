@@ -54,6 +54,13 @@ class RelayToMicrosoft:
     record_route_outbound: str
     record_route_inbound: str
     media: Media
+    from_uri: str | None
+    """A From URI for Microsoft (E.164, SBC host), or None to keep CUCM's."""
+    contact: str
+    """The SBC's own address: CUCM's Contact is encoded into a parameter of it (never shown as is)."""
+    remove_headers: tuple[str, ...]
+    add_headers: tuple[str, ...]
+    """Whole header lines ("Name: value") appended after the removals."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class RelayInDialog:
     """Toward Microsoft, Via carries the SBC FQDN and port as Record-Route did."""
     late_offer: bool = False
     """A re-INVITE without SDP: the offer comes in the 2xx and the answer in the ACK."""
+    encode_contact: str | None = None
+    """Toward Microsoft, a target refresh's Contact is hidden behind this SBC address."""
 
 
 @dataclass(frozen=True)
@@ -96,3 +105,5 @@ class ReplyAction:
     """What to do with a response passing through: an rtpengine step, or nothing."""
 
     media: Media | None
+    encode_contact: str | None = None
+    """A response going to Microsoft: hide CUCM's Contact behind this SBC address."""

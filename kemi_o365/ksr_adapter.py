@@ -30,6 +30,10 @@ from kemi_o365.request import Method, Reply, Request, Side
 # can hand it an edited body; it must therefore be set before every offer and answer.
 SDP_PV = "$var(kemi_o365_sdp)"
 
+# CUCM's Contact travels toward Microsoft Base64URL-encoded in this parameter of the SBC's own URI
+# (siputils contact_param_encode), and is restored from the Request-URI of requests coming back.
+CONTACT_PARAM = "kemi"
+
 # tm onreply callbacks: method names on the handler object (kemi.Kamailio), kept as constants so a
 # test can check each names a real method (a typo is silent in Kamailio 5.6).
 ONREPLY_INITIAL = "ksr_onreply_initial"
@@ -90,7 +94,13 @@ def passes_sanity() -> bool:
 
 def read_request(policy: Policy) -> Request:
     local_ip, local_port = _side()
+    side = side_of(local_ip, local_port, policy)
     to_tag = KSR.siputils.has_totag() > 0
+    if to_tag and side is Side.MICROSOFT:
+        # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI encoded in it.
+        # Restore it first: a Request-URI naming us would make loose_route assume a strict router
+        # upstream (RFC 3261 §16.4) and route by our own Record-Route entry. Absent (-1) is fine.
+        KSR.siputils.contact_param_decode_ruri(CONTACT_PARAM)
     # loose_route consumes our own Route headers; only in-dialog requests may carry them here.
     routed = to_tag and KSR.rr.loose_route() > 0
     has_sdp, sdp = _sdp_body()
@@ -101,10 +111,11 @@ def read_request(policy: Policy) -> Request:
         method=Method.parse(KSR.pv.gete("$rm")),
         ruri_user=KSR.pv.gete("$rU"),
         ruri_host=KSR.pv.gete("$rd"),
+        from_user=KSR.pv.gete("$fU"),
         source_ip=KSR.pv.gete("$si"),
         source_port=int(KSR.pv.geti("$sp")),
         transport=Transport(proto) if proto in ("udp", "tcp", "tls") else Transport.UDP,
-        side=side_of(local_ip, local_port, policy),
+        side=side,
         to_tag=to_tag,
         has_sdp=has_sdp,
         sdp=sdp,
@@ -199,6 +210,13 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
         raise
     _ok(KSR.rr.record_route_preset(d.record_route_outbound, d.record_route_inbound), "record_route_preset")
     _ok(KSR.uac.uac_replace_to_uri(d.to_uri), "uac_replace_to_uri")
+    if d.from_uri is not None:
+        _ok(KSR.uac.uac_replace_from_uri(d.from_uri), "uac_replace_from_uri")
+    _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.contact), "contact_param_encode")
+    for name in d.remove_headers:
+        KSR.hdr.remove(name)  # absent is fine: nothing to remove
+    for line in d.add_headers:
+        _ok(KSR.hdr.append(line + "\r\n"), "hdr.append")
     _true(KSR.seturi(d.request_uri), "seturi")
     _true(KSR.setdsturi(d.destination), "setdsturi")
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
@@ -250,6 +268,8 @@ def _relay_in_dialog(d: RelayInDialog) -> None:
 
 
 def _next_hop(d: RelayInDialog) -> None:
+    if d.encode_contact is not None:
+        _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.encode_contact), "contact_param_encode")
     if d.destination:
         _true(KSR.setdsturi(d.destination), "setdsturi")
     if d.advertise is not None:
@@ -264,6 +284,8 @@ def _advertise(host_port: tuple[str, int]) -> None:
 def apply_reply(action: ReplyAction) -> None:
     if action.media is not None:
         run_media(action.media)
+    if action.encode_contact is not None:
+        _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, action.encode_contact), "contact_param_encode")
 
 
 def respond_error(code: int, reason: str) -> None:

@@ -50,6 +50,7 @@ class Request:
     method: Method
     ruri_user: str
     ruri_host: str
+    from_user: str
     source_ip: str
     source_port: int
     transport: Transport

@@ -27,6 +27,7 @@ from kemi_o365.media import (
     flag_string,
     strip_lines,
 )
+from kemi_o365.numbers import translate
 from kemi_o365.policy.model import Policy, Proxy, Transport
 from kemi_o365.request import Method, Reply, Request, Side
 
@@ -126,17 +127,49 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
         # Microsoft does not take delayed offer; CUCM must send SDP (early offer / MTP on the trunk).
         return Respond(488, "Not Acceptable Here (delayed offer: enable early offer on the CUCM trunk)")
     proxy = ms.proxies[0]
+    numbers = ms.numbers
+    called = translate(req.ruri_user, numbers.to_microsoft)
+    # Teams wants E.164 with ;user=phone in the Request-URI and From (MICROSOFT-NOTES §1.4).
+    phone = ";user=phone" if numbers.user_phone else ""
+    from_uri = None
+    if numbers.to_microsoft or numbers.user_phone:
+        from_uri = f"sip:{translate(req.from_user, numbers.to_microsoft)}@{policy.sbc.fqdn}{phone}"
     return RelayToMicrosoft(
-        request_uri=f"sip:{req.ruri_user}@{proxy.fqdn}:{proxy.port};transport=tls",
+        request_uri=f"sip:{called}@{proxy.fqdn}:{proxy.port};transport=tls{phone}",
         destination=_destination(proxy),
-        to_uri=ms.to_uri,
+        to_uri=ms.to_uri or f"sip:{called}@{proxy.fqdn}{phone}",
         send_socket=f"tls:{policy.sbc.external.address}:{policy.sbc.external.port}",
         advertised_host=policy.sbc.fqdn,
         advertised_port=policy.sbc.external.port,
         record_route_outbound=f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
         record_route_inbound=_inbound_rr(req, policy),
         media=_offer_to_microsoft(req, policy),
+        from_uri=from_uri,
+        contact=sbc_contact(policy),
+        remove_headers=_removed_toward_microsoft(policy),
+        add_headers=_added_toward_microsoft(policy),
     )
+
+
+def sbc_contact(policy: Policy) -> str:
+    """The SBC's own URI toward Microsoft: Microsoft answers 403 to a Contact with an IP (§1.4)."""
+    return f"sip:{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls"
+
+
+def _removed_toward_microsoft(policy: Policy) -> tuple[str, ...]:
+    # Since 2022 Microsoft rejects SBC-originated requests that carry Replaces (MICROSOFT-NOTES §1.4).
+    removed = ("Replaces",)
+    return (*removed, "Allow") if policy.microsoft.allow else removed
+
+
+def _added_toward_microsoft(policy: Policy) -> tuple[str, ...]:
+    ms = policy.microsoft
+    added = []
+    if ms.allow:
+        added.append(f"Allow: {', '.join(ms.allow)}")
+    if ms.x_ms_sbc:
+        added.append(f"X-MS-SBC: {ms.x_ms_sbc}")
+    return tuple(added)
 
 
 def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
@@ -166,6 +199,7 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
     late_offer = req.method is Method.INVITE and not req.has_sdp
     if not toward_microsoft:
         return RelayInDialog(media=media, destination=None, advertise=None, late_offer=late_offer)
+    refresh = req.method in (Method.INVITE, Method.UPDATE)
     pinned = next(
         (p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower() and p.address), None
     )
@@ -174,6 +208,7 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
         destination=_destination(pinned) if pinned else None,
         advertise=(policy.sbc.fqdn, policy.sbc.external.port),
         late_offer=late_offer,
+        encode_contact=sbc_contact(policy) if refresh else None,
     )
 
 
@@ -205,16 +240,23 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = 
         return ReplyAction(None)
     if reply.status >= 300:
         return ReplyAction(DELETE if initial and reply.cseq_method is Method.INVITE else None)
-    if reply.status < 101 or not reply.has_sdp:
+    if reply.status < 101:
         return ReplyAction(None)
+    # A 1xx/2xx from CUCM goes to Microsoft: its Contact (a CUCM address) is hidden behind ours.
+    contact = sbc_contact(policy) if reply.side is Side.CUCM else None
+    media = _reply_media(reply, policy, late_offer) if reply.has_sdp else None
+    return ReplyAction(media, contact)
+
+
+def _reply_media(reply: Reply, policy: Policy, late_offer: bool) -> Media:
     ms = policy.microsoft
     from_microsoft = reply.side is Side.MICROSOFT
     if late_offer:
         if from_microsoft:
             sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
-            return ReplyAction(Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp))
-        return ReplyAction(Media(MediaAction.OFFER, flag_string(ms.offer_flags)))
+            return Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp)
+        return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
     if from_microsoft:
         sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
-        return ReplyAction(Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp))
-    return ReplyAction(Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)))
+        return Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp)
+    return Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT))

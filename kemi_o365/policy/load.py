@@ -27,6 +27,8 @@ from kemi_o365.policy.model import (
     InternalSide,
     KamailioSettings,
     Microsoft,
+    NumberRule,
+    Numbers,
     Policy,
     Profile,
     Proxy,
@@ -386,7 +388,7 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
     keys = {
         "profile": True,
         "match": True,
-        "to_uri": True,
+        "to_uri": False,
         "proxies": True,
         "offer_flags": False,
         "answer_flags": False,
@@ -394,6 +396,9 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         "sources": False,
         "trusted_names": False,
         "allowed_media": False,
+        "numbers": False,
+        "x_ms_sbc": False,
+        "allow": False,
     }
     m = r.mapping(node, "microsoft", keys)
     match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
@@ -405,7 +410,7 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         match_request_uri_host=r.field(
             match.get("request_uri_host"), "microsoft.match.request_uri_host", _regex, re.compile("(?!)")
         ),
-        to_uri=r.field(m.get("to_uri"), "microsoft.to_uri", _sip_uri, "sip:invalid@invalid.invalid"),
+        to_uri=r.field(m.get("to_uri"), "microsoft.to_uri", _sip_uri, None),
         proxies=proxies,
         offer_flags=offer or DEFAULT_OFFER_TO_MICROSOFT,
         answer_flags=answer or DEFAULT_ANSWER_TO_CUCM,
@@ -415,7 +420,88 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         sources=r.items(m.get("sources"), "microsoft.sources", _network),
         trusted_names=r.items(m.get("trusted_names"), "microsoft.trusted_names", _name_pattern),
         allowed_media=r.items(m.get("allowed_media"), "microsoft.allowed_media", _media_type) or ("audio",),
+        numbers=_numbers(r, m.get("numbers")),
+        x_ms_sbc=r.field(m.get("x_ms_sbc"), "microsoft.x_ms_sbc", _header_value, None),
+        allow=r.items(m.get("allow"), "microsoft.allow", _sip_method),
     )
+
+
+def _header_value(node: Node) -> str:
+    value = _string(node)
+    if any(c in value for c in "\r\n\0"):
+        raise _Invalid("a header value cannot hold line breaks")
+    return value
+
+
+_METHODS = (
+    "INVITE",
+    "ACK",
+    "CANCEL",
+    "BYE",
+    "OPTIONS",
+    "NOTIFY",
+    "REFER",
+    "UPDATE",
+    "INFO",
+    "PRACK",
+    "SUBSCRIBE",
+)
+
+
+def _sip_method(node: Node) -> str:
+    value = _string(node).upper()
+    if value not in _METHODS:
+        raise _Invalid(f"expected a SIP method ({', '.join(_METHODS)}), got {value!r}")
+    return value
+
+
+def _numbers(r: _Reader, node: Node | None) -> Numbers:
+    m = r.mapping(
+        node, "microsoft.numbers", {"to_microsoft": False, "from_microsoft": False, "user_phone": False}
+    )
+    return Numbers(
+        to_microsoft=_number_rules(r, m.get("to_microsoft"), "microsoft.numbers.to_microsoft"),
+        from_microsoft=_number_rules(r, m.get("from_microsoft"), "microsoft.numbers.from_microsoft"),
+        user_phone=r.field(m.get("user_phone"), "microsoft.numbers.user_phone", _boolean, False),
+    )
+
+
+def _boolean(node: Node) -> bool:
+    value = _scalar(node)
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def _number_rules(r: _Reader, node: Node | None, key: str) -> tuple[NumberRule, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, SequenceNode):
+        r.problem(node, key, f"expected a list of {{match, replace}} rules, got {_kind(node)}")
+        return ()
+    out = []
+    for i, child in enumerate(node.value):
+        at = f"{key}[{i}]"
+        m = r.mapping(child, at, {"match": True, "replace": True})
+        pattern = r.field(m.get("match"), f"{at}.match", _regex, None)
+        replacement = r.field(m.get("replace"), f"{at}.replace", _string, None)
+        if pattern is None or replacement is None:
+            continue
+        try:
+            # A group the pattern lacks would fail on the first call it matches: find it at load.
+            _check_groups(pattern, replacement)
+        except re.error as exc:
+            r.problem(m.get("replace"), f"{at}.replace", f"does not fit the pattern: {exc}")
+            continue
+        out.append(NumberRule(pattern, replacement))
+    return tuple(out)
+
+
+def _check_groups(pattern: re.Pattern[str], replacement: str) -> None:
+    for ref in re.findall(r"\\(\d+)|\\g<(\d+)>", replacement):
+        number = int(ref[0] or ref[1])
+        if number > pattern.groups:
+            raise re.error(f"invalid group reference {number} (the pattern has {pattern.groups})")
 
 
 def _name_pattern(node: Node) -> str:
@@ -462,6 +548,13 @@ def _cross_checks(r: _Reader, policy: Policy) -> None:
             r.line_of("rtpengine.port_min", "rtpengine"),
             "rtpengine.port_min",
             f"media port range overlaps SIP port {clash[0]}",
+        )
+    if policy.microsoft.profile is Profile.EXCHANGE_UM and policy.microsoft.to_uri is None:
+        # Seed 000: Exchange UM answers 488 unless To carries the forwarding address.
+        r.problem_at(
+            r.line_of("microsoft.profile", "microsoft"),
+            "microsoft.to_uri",
+            "the exchange-um profile needs the UM forwarding address (to_uri: sip:<pilot>@<forwarding host>)",
         )
 
 

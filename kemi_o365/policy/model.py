@@ -110,12 +110,31 @@ class Proxy:
 
 
 @dataclass(frozen=True)
+class NumberRule:
+    """Rewrite a number that fully matches `pattern` into `replacement` (with \\1 group references)."""
+
+    pattern: re.Pattern[str]
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Numbers:
+    to_microsoft: tuple[NumberRule, ...] = ()
+    """CUCM's called and calling numbers -> what Microsoft expects (E.164 with '+' for Teams)."""
+    from_microsoft: tuple[NumberRule, ...] = ()
+    """Microsoft's called and calling numbers -> CUCM's dial plan (DID -> extension)."""
+    user_phone: bool = False
+    """Add ;user=phone to the Request-URI and From toward Microsoft (recommended for Teams)."""
+
+
+@dataclass(frozen=True)
 class Microsoft:
     profile: Profile
     match_request_uri_host: re.Pattern[str]
     """Calls from CUCM whose Request-URI host matches go to Microsoft (the seed's SRV name)."""
-    to_uri: str
-    """The UM forwarding address written into the To header (Microsoft answers 488 otherwise)."""
+    to_uri: str | None
+    """Exchange UM: the forwarding address written into the To header (Microsoft answers 488
+    otherwise). None (Teams): To carries the called number at the proxy's FQDN."""
     proxies: tuple[Proxy, ...]
     offer_flags: tuple[str, ...]
     """rtpengine flags for an offer from CUCM toward Microsoft (RTP -> SRTP)."""
@@ -129,6 +148,12 @@ class Microsoft:
     """Certificate names accepted from Microsoft's TLS clients (`*.x` = one label); empty: the proxies."""
     allowed_media: tuple[str, ...] = ("audio",)
     """Media types offered to Microsoft; other m= lines from CUCM are disabled (port 0)."""
+    numbers: Numbers = Numbers()
+    x_ms_sbc: str | None = None
+    """Value of the X-MS-SBC header toward Microsoft ("Vendor/Model/Version"); None: not sent."""
+    allow: tuple[str, ...] = ()
+    """Allow header toward Microsoft on INVITEs; empty: CUCM's is kept. Without REFER, Microsoft
+    performs transfers itself (MICROSOFT-NOTES §1.5)."""
 
     def accepts_peer_name(self, name: str) -> bool:
         """Whether a verified certificate name belongs to Microsoft (RFC 6125 §6.4.3 one-label wildcard)."""

@@ -46,7 +46,7 @@ MS_SDP_STRIPPED = (
 # the contract, their presence is.
 REQUEST_READS = Counter(
     {
-        "pv.gete": 7,  # $Ri $rb $pr $rm $rU $rd $si ($rb: the request has a body)
+        "pv.gete": 8,  # $Ri $rb $pr $rm $rU $rd $fU $si ($rb: the request has a body)
         "pv.geti": 2,  # $Rp $sp
         "siputils.has_totag": 1,
         "textops.has_body_type": 1,
@@ -197,6 +197,9 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
             (f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;transport=tcp;r2=on"),
         ),
         ("uac.uac_replace_to_uri", (f"sip:87000@{MS_FQDN}",)),
+        # CUCM's Contact leaves only Base64URL-encoded inside the SBC's own FQDN URI (Teams: 403 on IPs).
+        ("siputils.contact_param_encode", ("kemi", f"sip:{SBC_FQDN}:5061;transport=tls")),
+        ("hdr.remove", ("Replaces",)),
         ("seturi", (f"sip:87000@{MS_FQDN}:5061;transport=tls",)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
         ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
@@ -649,3 +652,14 @@ def test_core_callbacks_are_disabled_or_defined(param: str, default: str) -> Non
 def test_read_sdp_pv_matches_the_adapter() -> None:
     found = re.findall(r'^\s*modparam\("rtpengine",\s*"read_sdp_pv",\s*"([^"]+)"\)', _cfg(), re.MULTILINE)
     assert found == [ksr_adapter.SDP_PV]
+
+
+def test_microsoft_in_dialog_request_uri_is_restored_before_loose_route(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_request(ksr, "BYE", side="microsoft", in_dialog=True, ruri_host=SBC_FQDN)
+    assert handler.ksr_request_route(None) == 1
+    names = ksr.names()
+    # Decoding first: a Request-URI naming the SBC would send loose_route down its strict-router path.
+    assert names.index("siputils.contact_param_decode_ruri") < names.index("rr.loose_route")
+    assert ("siputils.contact_param_decode_ruri", ("kemi",)) in ksr.calls

@@ -72,6 +72,7 @@ def request(**changes: object) -> Request:
         method=Method.INVITE,
         ruri_user="87000",
         ruri_host="pstn-o365.example.com",
+        from_user="10048",
         source_ip="127.0.0.4",
         source_port=26012,
         transport=Transport.TCP,
@@ -151,6 +152,11 @@ def test_invite_from_cucm_is_relayed_to_microsoft(
         record_route_outbound=f"{SBC_FQDN}:5061;transport=tls;r2=on",
         record_route_inbound=inbound_rr,
         media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
+        # Exchange UM: the numbers and From stay CUCM's; CUCM's Contact hides behind the SBC's FQDN.
+        from_uri=None,
+        contact=f"sip:{SBC_FQDN}:5061;transport=tls",
+        remove_headers=("Replaces",),
+        add_headers=(),
     )
 
 
@@ -306,7 +312,11 @@ CASES = [
         in_dialog(Method.BYE, Side.CUCM, ruri_host="sip.other.example.net"),
         RelayInDialog(media=DELETE, destination=None, advertise=(SBC_FQDN, 5061)),
     ),
-    Case("BYE from Microsoft", in_dialog(Method.BYE, Side.MICROSOFT), RelayInDialog(DELETE, None, None)),
+    Case(
+        "BYE from Microsoft",
+        in_dialog(Method.BYE, Side.MICROSOFT),
+        RelayInDialog(DELETE, None, None),
+    ),
     Case(
         "re-INVITE from CUCM",
         in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=CUCM_SDP),
@@ -314,6 +324,7 @@ CASES = [
             media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
             destination="sip:127.0.0.3:5061;transport=tls",
             advertise=(SBC_FQDN, 5061),
+            encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls",  # a target refresh: hide CUCM again
         ),
     ),
     Case(
@@ -329,7 +340,9 @@ CASES = [
         "UPDATE with SDP from Microsoft",
         in_dialog(Method.UPDATE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP),
         RelayInDialog(
-            Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED), None, None
+            Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED),
+            None,
+            None,
         ),
     ),
     Case(
@@ -413,7 +426,16 @@ REPLY_CASES = [
         "200 with SDP from CUCM (answer to a Microsoft re-INVITE)",
         cucm_reply(200, sdp=CUCM_SDP),
         False,
-        ReplyAction(Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT))),
+        ReplyAction(
+            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)),
+            encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls",  # CUCM's Contact hides behind ours
+        ),
+    ),
+    ReplyCase(
+        "180 without SDP from CUCM (a call Microsoft started)",
+        cucm_reply(180),
+        True,
+        ReplyAction(None, encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls"),
     ),
 ]
 
