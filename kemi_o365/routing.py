@@ -110,8 +110,10 @@ def _request_from_microsoft(req: Request, policy: Policy) -> Decision:
             f"{internal.address}:{internal.port}{suffix};r2=on",
             f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
         )
+    # Microsoft dials E.164 DIDs (Teams); CUCM wants its own dial plan, e.g. the extension.
+    called = translate(req.ruri_user, policy.microsoft.numbers.from_microsoft)
     return RelayToCucm(
-        request_uri=f"sip:{req.ruri_user}@{cucm.address}:{cucm.port};transport={transport}",
+        request_uri=f"sip:{called}@{cucm.address}:{cucm.port};transport={transport}",
         destination=target,
         send_socket=f"{transport}:{internal.address}:{internal.port}",
         record_route=record_route,

@@ -499,3 +499,33 @@ def test_delayed_offer_reinvite_from_cucm_offers_in_the_200_and_answers_in_the_a
     assert offer.flags == flag_string(DEFAULT_OFFER_TO_CUCM)
     assert offer.sdp == MS_SDP_STRIPPED
     assert answer.flags == flag_string(DEFAULT_ANSWER_TO_MICROSOFT)
+
+
+def test_numbers_are_translated_both_ways_for_teams(tmp_path: Path) -> None:
+    numbers = """  numbers:
+    user_phone: true
+    to_microsoft:
+      - {match: '(\\d{5})', replace: '+442079460\\1'}
+    from_microsoft:
+      - {match: '\\+442079460(\\d{5})', replace: '\\1'}
+  x_ms_sbc: kemi-o365/Kamailio-5.6/0.1.0
+  allow: [INVITE, ACK, CANCEL, BYE, OPTIONS, NOTIFY]
+"""
+    teams = lab_policy(
+        tmp_path, {"  allowed_media: [audio]": "  allowed_media: [audio]\n" + numbers.rstrip("\n")}
+    )
+    out = routing.decide(request(ruri_user="87000", from_user="10048"), teams)
+    assert isinstance(out, RelayToMicrosoft)
+    assert out.request_uri == f"sip:+44207946087000@{MS_FQDN}:5061;transport=tls;user=phone"
+    assert out.from_uri == f"sip:+44207946010048@{SBC_FQDN};user=phone"
+    assert out.remove_headers == ("Replaces", "Allow")
+    assert out.add_headers == (
+        "Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, NOTIFY",
+        "X-MS-SBC: kemi-o365/Kamailio-5.6/0.1.0",
+    )
+    back = routing.decide(from_microsoft(ruri_user="+44207946010048"), teams)
+    assert isinstance(back, RelayToCucm)
+    assert back.request_uri == "sip:10048@127.0.0.4:5060;transport=tcp"
+    # A number no rule matches passes unchanged.
+    other = routing.decide(from_microsoft(ruri_user="+15550100"), teams)
+    assert isinstance(other, RelayToCucm) and other.request_uri.startswith("sip:+15550100@")
