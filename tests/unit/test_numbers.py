@@ -44,7 +44,8 @@ def test_e164(number: str, ok: bool) -> None:
 def test_a_replacement_naming_a_missing_group_is_refused_at_load(tmp_path: Path) -> None:
     text = lab_policy_text(make_pki_files(tmp_path / "pki")).replace(
         "  allowed_media: [audio]",
-        "  allowed_media: [audio]\n  numbers:\n    to_microsoft:\n      - {match: '\\d{5}', replace: '+44\\2'}",
+        "  allowed_media: [audio]\n  numbers:\n    to_microsoft:\n"
+        "      - {match: '\\d{5}', replace: '+44\\2'}",
     )
     path = tmp_path / "policy.yaml"
     path.write_text(text)
