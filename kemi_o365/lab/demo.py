@@ -198,22 +198,32 @@ def run_demo(*, keep: bool = False) -> int:
             "[2/4] starting rtpengine and Kamailio (app_python3 + kemi_o365) and the Microsoft TLS peer",
             flush=True,
         )
+        from kemi_o365.lab.media_call import run_media_call
+
         with microsoft_peer(policy, root / "pki") as peer, Stack(policy, RunDir(root / "run")):
-            print("[3/4] placing the seed call: CUCM -> SBC -> Microsoft (INVITE, 200, ACK, BYE)", flush=True)
-            outcome = place_seed_call(policy, peer, root / "sipp")
+            print(
+                "[3/4] placing the seed call: CUCM -> SBC -> Microsoft (INVITE, 200, ACK, BYE), 2 s of "
+                "media each way (CUCM: 1000 Hz RTP + DTMF 5; Microsoft: 1800 Hz SRTP + DTMF 1)",
+                flush=True,
+            )
+            media = run_media_call(policy, peer, root / "sipp")
+        outcome = media.call
         print("[4/4] stopped Kamailio, rtpengine and the peer\n", flush=True)
         print(render_ladder(COLUMNS, ladder_events(outcome)))
         print()
         _print_facts(outcome)
-        if outcome.problems:
-            for p in outcome.problems:
+        print("  media:")
+        for line in media.lines():
+            print(f"    {line}")
+        if media.problems:
+            for p in media.problems:
                 print(f"  problem: {p}")
             print("VERDICT: FAIL - the seed call did not go through as Microsoft requires")
             return 1
         print(
             "VERDICT: PASS - seed call CUCM -> SBC -> Microsoft answered and released: "
             "RTP/AVP on CUCM's side, SRTP (AES_CM_128_HMAC_SHA1_80) over mutual TLS on Microsoft's, "
-            "rtpengine holds no session"
+            "audio and DTMF both ways, rtpengine holds no session"
         )
         return 0
     finally:

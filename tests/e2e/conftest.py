@@ -33,12 +33,17 @@ class Matrix:
 
     direct: dict[str, str] = field(default_factory=dict)
     through: dict[str, list[str]] = field(default_factory=dict)
+    media: list[str] = field(default_factory=list)
 
 
 MATRIX = Matrix()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if MATRIX.media:
+        terminalreporter.section("Media through the SBC (per direction)")
+        for line in MATRIX.media:
+            terminalreporter.line(line)
     if not MATRIX.direct and not MATRIX.through:
         return
     terminalreporter.section("Microsoft rules: straight to Microsoft's peer vs from CUCM through the SBC")

@@ -23,8 +23,9 @@ import pytest
 from kemi_o365.lab.baresip import BaresipPeer, free_tls_port, read_wav
 from kemi_o365.lab.demo import SCENARIOS, cucm_address, wait_rtpengine_empty
 from kemi_o365.lab.media import MediaEndpoint
+from kemi_o365.lab.media_call import media_target, wait_for_answer
 from kemi_o365.lab.rtp import Samples, level_dbov, measure_tone
-from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, start_sipp
+from kemi_o365.lab.sipp import free_port, start_sipp
 from kemi_o365.launch import RunDir, Stack
 from kemi_o365.sipmsg import SipMessage, SipParseError, parse
 from tests.e2e.conftest import lab_policy_data, start_lab
@@ -52,34 +53,6 @@ def _baresip_trace(log: str) -> list[tuple[str, SipMessage]]:
         except SipParseError:
             continue
     return out
-
-
-def _wait_for_answer(sipp: SippProcess, timeout: float) -> SipMessage:
-    """The 200 OK to the INVITE as SIPp traced it, read while SIPp still runs (it flushes each message)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sipp.message_file.exists():
-            for t in parse_message_trace(sipp.message_file.read_bytes()):
-                msg = t.msg
-                if t.direction == "received" and not msg.is_request and msg.method == "INVITE":
-                    if msg.status == 200:
-                        return msg
-                    if msg.status >= 300:
-                        raise AssertionError(f"INVITE refused: {msg.start_line}")
-        if not sipp.running():
-            raise AssertionError(f"SIPp ended before a 200 OK:\n{sipp.wait().describe()}")
-        time.sleep(0.02)
-    raise AssertionError(f"no 200 OK at CUCM within {timeout:g}s")
-
-
-def _media_target(answer: SipMessage) -> tuple[tuple[str, int], tuple[str, int]]:
-    """(RTP, RTCP) address of the SBC in the SDP answer CUCM got (RFC 3605 a=rtcp, else port+1)."""
-    lines = answer.sdp_lines
-    ip = next(ln.split()[2] for ln in lines if ln.startswith("c=IN IP4 "))
-    audio = next(ln for ln in lines if ln.startswith("m=audio "))
-    port = int(audio.split()[1])
-    rtcp = next((int(ln.split(":")[1].split()[0]) for ln in lines if ln.startswith("a=rtcp:")), port + 1)
-    return (ip, port), (ip, rtcp)
 
 
 def _tone_seconds(samples: Samples, freq: float) -> tuple[float, Samples]:
@@ -148,8 +121,8 @@ def test_baresip_as_microsoft_hears_cucm_and_cucm_hears_baresip(tmp_path: Path) 
             timeout_s=15,
             workdir=tmp_path / "sipp",
         ) as sipp:
-            answer = _wait_for_answer(sipp, timeout=8)
-            rtp_to, rtcp_to = _media_target(answer)
+            answer = wait_for_answer(sipp, timeout=8)
+            rtp_to, rtcp_to = media_target(answer)
             # Stop a little before CUCM's BYE so no packet races the teardown.
             cucm_media.start(
                 rtp_to,

@@ -159,5 +159,9 @@ def test_demo_prints_a_ladder_and_a_passing_verdict() -> None:
     assert out.count("|----------------------------->|") >= 3  # INVITE, ACK, BYE left to right
     assert "INVITE sip:87000@pstn-o365.example.com (SDP RTP/AVP" in out
     assert "200 OK (SDP RTP/SAVP, crypto" in out
+    media = [ln.strip() for ln in out.splitlines() if " -> " in ln and "sent " in ln]
+    assert [ln.split(":")[0] for ln in media] == ["CUCM -> Microsoft", "Microsoft -> CUCM"]
+    assert all(", lost 0," in ln and "authenticated" in ln for ln in media), media
+    assert "tone 1000.0 Hz" in media[0] and "tone 1800.0 Hz" in media[1]
     assert out.strip().splitlines()[-1].startswith("VERDICT: PASS")
     assert time.monotonic() - started < 60
