@@ -61,6 +61,8 @@ class RelayToMicrosoft:
     remove_headers: tuple[str, ...]
     add_headers: tuple[str, ...]
     """Whole header lines ("Name: value") appended after the removals."""
+    tls_server_id: str = ""
+    """Selects the TLS client profile whose SNI and verification name is the proxy's FQDN."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class RelayInDialog:
     """A re-INVITE without SDP: the offer comes in the 2xx and the answer in the ACK."""
     encode_contact: str | None = None
     """Toward Microsoft, a target refresh's Contact is hidden behind this SBC address."""
+    tls_server_id: str | None = None
+    """Toward a configured Microsoft proxy: its TLS client profile (SNI = its FQDN)."""
 
 
 @dataclass(frozen=True)

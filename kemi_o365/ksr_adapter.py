@@ -220,6 +220,7 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
     _true(KSR.seturi(d.request_uri), "seturi")
     _true(KSR.setdsturi(d.destination), "setdsturi")
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
+    _ok(KSR.tls.set_connect_server_id(d.tls_server_id), "tls.set_connect_server_id")
     # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
     _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
     _ok(KSR.set_advertised_port(str(d.advertised_port)), "set_advertised_port")
@@ -270,6 +271,8 @@ def _relay_in_dialog(d: RelayInDialog) -> None:
 def _next_hop(d: RelayInDialog) -> None:
     if d.encode_contact is not None:
         _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.encode_contact), "contact_param_encode")
+    if d.tls_server_id is not None:
+        _ok(KSR.tls.set_connect_server_id(d.tls_server_id), "tls.set_connect_server_id")
     if d.destination:
         _true(KSR.setdsturi(d.destination), "setdsturi")
     if d.advertise is not None:

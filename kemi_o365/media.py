@@ -88,6 +88,21 @@ def _disabled(line: str, keep: set[str]) -> str:
     return f"m={kind} 0 {tail}" if kind not in keep and port != "0" else line
 
 
+def codec_flags(codecs: Iterable[str]) -> tuple[str, ...]:
+    """rtpengine flags keeping only `codecs` in an offer (Kamailio's codec-strip / codec-except)."""
+    kept = tuple(codecs)
+    if not kept:
+        return ()
+    return ("codec-strip=all", *(f"codec-except={c}" for c in kept))
+
+
+def hold_as_inactive(sdp: str) -> str:
+    """Teams understands hold only as a=inactive (MICROSOFT-NOTES §1.5): turn sendonly/recvonly into it."""
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    lines = ["a=inactive" if ln in ("a=sendonly", "a=recvonly") else ln for ln in sdp.split(eol)]
+    return eol.join(lines)
+
+
 def flag_string(flags: Iterable[str]) -> str:
     """The space-separated form Kamailio's rtpengine module parses."""
     return " ".join(flags)

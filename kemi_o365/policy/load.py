@@ -399,6 +399,8 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         "numbers": False,
         "x_ms_sbc": False,
         "allow": False,
+        "codecs": False,
+        "hold": False,
     }
     m = r.mapping(node, "microsoft", keys)
     match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
@@ -423,7 +425,23 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         numbers=_numbers(r, m.get("numbers")),
         x_ms_sbc=r.field(m.get("x_ms_sbc"), "microsoft.x_ms_sbc", _header_value, None),
         allow=r.items(m.get("allow"), "microsoft.allow", _sip_method),
+        codecs=r.items(m.get("codecs"), "microsoft.codecs", _codec),
+        hold=r.field(m.get("hold"), "microsoft.hold", _hold_mode, "passthrough"),
     )
+
+
+def _codec(node: Node) -> str:
+    value = _string(node)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise _Invalid(f"expected a codec name such as PCMU, G722 or telephone-event, got {value!r}")
+    return value
+
+
+def _hold_mode(node: Node) -> str:
+    value = _string(node)
+    if value not in ("inactive", "passthrough"):
+        raise _Invalid(f"expected inactive or passthrough, got {value!r}")
+    return value
 
 
 def _header_value(node: Node) -> str:

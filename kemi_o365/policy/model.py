@@ -151,6 +151,11 @@ class Microsoft:
     numbers: Numbers = Numbers()
     x_ms_sbc: str | None = None
     """Value of the X-MS-SBC header toward Microsoft ("Vendor/Model/Version"); None: not sent."""
+    codecs: tuple[str, ...] = ()
+    """Codecs offered to Microsoft (rtpengine strips the rest); empty: CUCM's offer as it is."""
+    hold: str = "passthrough"
+    """"inactive": hold offers toward Microsoft carry a=inactive, never sendonly/recvonly or
+    c=0.0.0.0 (Teams, MICROSOFT-NOTES §1.5); "passthrough": as CUCM sent them."""
     allow: tuple[str, ...] = ()
     """Allow header toward Microsoft on INVITEs; empty: CUCM's is kept. Without REFER, Microsoft
     performs transfers itself (MICROSOFT-NOTES §1.5)."""

@@ -203,6 +203,7 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
         ("seturi", (f"sip:87000@{MS_FQDN}:5061;transport=tls",)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
         ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
+        ("tls.set_connect_server_id", (MS_FQDN,)),
         ("set_advertised_address", (SBC_FQDN,)),
         ("set_advertised_port", ("5061",)),
         ("tm.t_on_reply", ("ksr_onreply_initial",)),
@@ -375,6 +376,7 @@ def test_bye_from_cucm_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None
         ("tm.t_check_trans", ()),
         ("maxfwd.process_maxfwd", (70,)),
         ("rtpengine.rtpengine_delete0", ()),
+        ("tls.set_connect_server_id", (MS_FQDN,)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
         ("set_advertised_address", (SBC_FQDN,)),
         ("set_advertised_port", ("5061",)),
@@ -404,6 +406,7 @@ def test_ack_in_dialog_is_relayed_without_a_transaction(ksr: KsrDouble, handler:
     assert handler.ksr_request_route(None) == 1
     assert actions(ksr) == [
         ("is_ACK", ()),
+        ("tls.set_connect_server_id", (MS_FQDN,)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
         ("set_advertised_address", (SBC_FQDN,)),
         ("set_advertised_port", ("5061",)),

@@ -157,6 +157,7 @@ def test_invite_from_cucm_is_relayed_to_microsoft(
         contact=f"sip:{SBC_FQDN}:5061;transport=tls",
         remove_headers=("Replaces",),
         add_headers=(),
+        tls_server_id=MS_FQDN,  # the TLS client profile whose SNI is the proxy's FQDN
     )
 
 
@@ -304,7 +305,10 @@ CASES = [
         "BYE from CUCM",
         in_dialog(Method.BYE, Side.CUCM),
         RelayInDialog(
-            media=DELETE, destination="sip:127.0.0.3:5061;transport=tls", advertise=(SBC_FQDN, 5061)
+            media=DELETE,
+            destination="sip:127.0.0.3:5061;transport=tls",
+            advertise=(SBC_FQDN, 5061),
+            tls_server_id=MS_FQDN,
         ),
     ),
     Case(
@@ -325,6 +329,7 @@ CASES = [
             destination="sip:127.0.0.3:5061;transport=tls",
             advertise=(SBC_FQDN, 5061),
             encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls",  # a target refresh: hide CUCM again
+            tls_server_id=MS_FQDN,
         ),
     ),
     Case(
@@ -357,6 +362,7 @@ CASES = [
             Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)),
             "sip:127.0.0.3:5061;transport=tls",
             (SBC_FQDN, 5061),
+            tls_server_id=MS_FQDN,
         ),
     ),
     Case(
@@ -529,3 +535,32 @@ def test_numbers_are_translated_both_ways_for_teams(tmp_path: Path) -> None:
     # A number no rule matches passes unchanged.
     other = routing.decide(from_microsoft(ruri_user="+15550100"), teams)
     assert isinstance(other, RelayToCucm) and other.request_uri.startswith("sip:+15550100@")
+
+
+TEAMS_MEDIA = "  codecs: [PCMU, G722, telephone-event]\n  hold: inactive"
+
+
+def test_teams_offer_prunes_codecs_and_sends_hold_as_inactive(tmp_path: Path) -> None:
+    teams = lab_policy(
+        tmp_path,
+        {"  allowed_media: [audio]": "  allowed_media: [audio]\n" + TEAMS_MEDIA},
+    )
+    hold = CUCM_SDP + "a=sendonly\r\n"
+    out = routing.decide(in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=hold), teams)
+    assert isinstance(out, RelayInDialog) and out.media is not None
+    flags = out.media.flags.split()
+    assert flags[-5:] == [
+        "codec-strip=all",
+        "codec-except=PCMU",
+        "codec-except=G722",
+        "codec-except=telephone-event",
+        "replace-zero-address",
+    ]
+    assert out.media.sdp is not None
+    assert "a=inactive\r\n" in out.media.sdp and "a=sendonly" not in out.media.sdp
+    # Exchange UM (the lab policy) keeps CUCM's direction and codecs.
+    um = routing.decide(
+        in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=hold), lab_policy(tmp_path / "um")
+    )
+    assert isinstance(um, RelayInDialog) and um.media is not None
+    assert um.media.sdp is None and "codec-strip=all" not in um.media.flags
