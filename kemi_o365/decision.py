@@ -42,11 +42,14 @@ class Drop:
 
 @dataclass(frozen=True)
 class RelayToMicrosoft:
-    """An initial INVITE from CUCM toward a Microsoft proxy, over mutual TLS."""
+    """An initial INVITE from CUCM toward Microsoft's proxies, tried in order, over mutual TLS."""
 
     request_uri: str
-    destination: str
-    """The URI Kamailio connects to (a pinned address or the FQDN itself)."""
+    """E.164/;user=phone as Microsoft wants it; the dispatcher only picks the next hop ($du)."""
+    proxy_set: int
+    """The dispatcher set of Microsoft's proxies (priority order, health from OPTIONS)."""
+    proxies: int
+    """How many there are: the most proxies one call tries."""
     to_uri: str
     send_socket: str
     advertised_host: str
@@ -111,3 +114,38 @@ class ReplyAction:
     media: Media | None
     encode_contact: str | None = None
     """A response going to Microsoft: hide CUCM's Contact behind this SBC address."""
+    provisional: bool = False
+    """A provisional other than 100 from Microsoft: from now on the call must not fail over."""
+
+
+@dataclass(frozen=True)
+class FailedBranch:
+    """What tm knows when a relayed INVITE's branch failed (failure route)."""
+
+    status: int
+    """The final status (a local 408 when nothing answered; 477 when sending failed)."""
+    provisional_seen: bool
+    canceled: bool
+
+
+@dataclass(frozen=True)
+class Failover:
+    """Mark the failed proxy inactive (OPTIONS will re-probe it) and try the next one.
+
+    A branch added in the failure route is built afresh: the send socket and the FQDN in Via must
+    be set again."""
+
+    send_socket: str
+    advertised_host: str
+    advertised_port: int
+    proxies: int
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Let the failure reach the caller; release the media session."""
+
+    media: Media
+
+
+FailureAction = Failover | GiveUp

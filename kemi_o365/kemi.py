@@ -48,6 +48,17 @@ class Kamailio:
     def ksr_onreply_in_dialog(self, msg: object) -> int:
         return self._guarded("reply", lambda: self._reply(initial=False))
 
+    def ksr_failure_microsoft(self, msg: object) -> int:
+        return self._guarded("failure", lambda: self._failure(toward_microsoft=True))
+
+    def ksr_failure_cucm(self, msg: object) -> int:
+        return self._guarded("failure", lambda: self._failure(toward_microsoft=False))
+
+    def ksr_tm_event(self, msg: object, evname: str) -> int:
+        if evname == "tm:local-request":
+            self._guarded("tm event", lambda: adapter.add_ping_contact(routing.sbc_contact(self.policy)))
+        return 1
+
     def ksr_onreply_late_offer(self, msg: object) -> int:
         return self._guarded("reply", lambda: self._reply(initial=False, late_offer=True))
 
@@ -68,6 +79,10 @@ class Kamailio:
     def _reply(self, *, initial: bool, late_offer: bool = False) -> None:
         reply = adapter.read_reply(self.policy)
         adapter.apply_reply(routing.on_reply(reply, self.policy, initial=initial, late_offer=late_offer))
+
+    def _failure(self, *, toward_microsoft: bool) -> None:
+        branch = adapter.read_failed_branch()
+        adapter.apply_failure(routing.on_failure(branch, self.policy, toward_microsoft=toward_microsoft))
 
     def _guarded(self, what: str, work: Callable[[], None]) -> int:
         try:

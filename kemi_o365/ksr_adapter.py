@@ -14,6 +14,10 @@ import KSR
 from kemi_o365.decision import (
     Decision,
     Drop,
+    FailedBranch,
+    Failover,
+    FailureAction,
+    GiveUp,
     Media,
     MediaAction,
     RelayCancel,
@@ -39,6 +43,10 @@ CONTACT_PARAM = "kemi"
 ONREPLY_INITIAL = "ksr_onreply_initial"
 ONREPLY_IN_DIALOG = "ksr_onreply_in_dialog"
 ONREPLY_LATE_OFFER = "ksr_onreply_late_offer"
+FAILURE_MICROSOFT = "ksr_failure_microsoft"
+FAILURE_CUCM = "ksr_failure_cucm"
+# Remembered per transaction: a provisional other than 100 came from Microsoft (no failover after).
+PROVISIONAL_AVP = "$avp(kemi_o365_prov)"
 
 # sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
 # parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
@@ -171,10 +179,30 @@ def _retransmission() -> bool:
     return KSR.tm.t_check_trans() == 0
 
 
-def _relay(onreply: str) -> None:
+def _relay(onreply: str) -> bool:
     KSR.tm.t_on_reply(onreply)
     if KSR.tm.t_relay() < 0:
-        KSR.sl.sl_reply_error()
+        # send_reply answers statefully when t_relay created the transaction before failing.
+        KSR.sl.send_reply(500, "Server Error (relay failed)")
+        return False
+    return True
+
+
+def _relay_to_proxies(tries: int) -> None:
+    """Relay to the dispatcher's current Microsoft proxy; when sending fails at once (no TLS
+    connection), treat it as the 477 it is and move to the next proxy, at most `tries` times."""
+    for _ in range(tries):
+        _ok(KSR.tls.set_connect_server_id(KSR.pv.gete("$dd")), "tls.set_connect_server_id")
+        KSR.tm.t_on_failure(FAILURE_MICROSOFT)
+        KSR.tm.t_on_reply(ONREPLY_INITIAL)
+        if KSR.tm.t_relay() > 0:
+            return
+        KSR.warn(f"kemi-o365: cannot send to Microsoft proxy {KSR.pv.gete('$dd')}, Call-ID {call_id()}\n")
+        KSR.dispatcher.ds_mark_dst_state("ip")
+        if KSR.dispatcher.ds_next_dst() < 0:
+            break
+    KSR.sl.send_reply(503, "No Microsoft Proxy Reachable")
+    KSR.rtpengine.rtpengine_delete0()
 
 
 def apply(decision: Decision) -> None:
@@ -218,13 +246,17 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
     for line in d.add_headers:
         _ok(KSR.hdr.append(line + "\r\n"), "hdr.append")
     _true(KSR.seturi(d.request_uri), "seturi")
-    _true(KSR.setdsturi(d.destination), "setdsturi")
+    # Algorithm 8: the active proxy with the highest priority becomes the next hop ($du); the
+    # Request-URI stays as routing built it (E.164, ;user=phone).
+    if KSR.dispatcher.ds_select_dst(d.proxy_set, 8) < 0:
+        KSR.sl.sl_send_reply(503, "No Microsoft Proxy Available")
+        KSR.rtpengine.rtpengine_delete0()
+        return
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
-    _ok(KSR.tls.set_connect_server_id(d.tls_server_id), "tls.set_connect_server_id")
     # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
     _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
     _ok(KSR.set_advertised_port(str(d.advertised_port)), "set_advertised_port")
-    _relay(ONREPLY_INITIAL)
+    _relay_to_proxies(d.proxies)
 
 
 def _relay_to_cucm(d: RelayToCucm) -> None:
@@ -242,6 +274,7 @@ def _relay_to_cucm(d: RelayToCucm) -> None:
     _true(KSR.seturi(d.request_uri), "seturi")
     _true(KSR.setdsturi(d.destination), "setdsturi")
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
+    KSR.tm.t_on_failure(FAILURE_CUCM)
     _relay(ONREPLY_INITIAL)
 
 
@@ -285,10 +318,43 @@ def _advertise(host_port: tuple[str, int]) -> None:
 
 
 def apply_reply(action: ReplyAction) -> None:
+    if action.provisional:
+        KSR.pv.seti(PROVISIONAL_AVP, 1)
     if action.media is not None:
         run_media(action.media)
     if action.encode_contact is not None:
         _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, action.encode_contact), "contact_param_encode")
+
+
+def read_failed_branch() -> FailedBranch:
+    return FailedBranch(
+        status=int(KSR.pv.geti("$T_reply_code")),
+        provisional_seen=KSR.pv.geti(PROVISIONAL_AVP) > 0,
+        canceled=KSR.tm.t_is_canceled() > 0,
+    )
+
+
+def apply_failure(action: FailureAction) -> None:
+    match action:
+        case Failover():
+            # The failed proxy goes inactive; the dispatcher's OPTIONS bring it back when it answers.
+            KSR.dispatcher.ds_mark_dst_state("ip")
+            if KSR.dispatcher.ds_next_dst() > 0:
+                _ok(KSR.corex.set_send_socket(action.send_socket), "set_send_socket")
+                _advertise((action.advertised_host, action.advertised_port))
+                _relay_to_proxies(action.proxies)
+                return
+            KSR.rtpengine.rtpengine_delete0()
+        case GiveUp(media=media):
+            run_media(media)
+        case _:
+            assert_never(action)
+
+
+def add_ping_contact(contact: str) -> None:
+    """Our OPTIONS pings carry the SBC's Contact (Microsoft answers 403 without its FQDN)."""
+    if KSR.pv.gete("$rm") == "OPTIONS" and KSR.hdr.is_present("Contact") < 0:
+        KSR.hdr.append(f"Contact: <{contact}>\r\n")
 
 
 def respond_error(code: int, reason: str) -> None:

@@ -11,6 +11,10 @@ import ipaddress
 from kemi_o365.decision import (
     Decision,
     Drop,
+    FailedBranch,
+    Failover,
+    FailureAction,
+    GiveUp,
     Media,
     MediaAction,
     RelayCancel,
@@ -23,8 +27,10 @@ from kemi_o365.decision import (
 from kemi_o365.media import (
     DEFAULT_ANSWER_TO_MICROSOFT,
     DEFAULT_OFFER_TO_CUCM,
+    codec_flags,
     disable_media,
     flag_string,
+    hold_as_inactive,
     strip_lines,
 )
 from kemi_o365.numbers import translate
@@ -32,6 +38,11 @@ from kemi_o365.policy.model import Policy, Proxy, Transport
 from kemi_o365.request import Method, Reply, Request, Side
 
 DELETE = Media(MediaAction.DELETE)
+MICROSOFT_SET = 1  # dispatcher set of Microsoft's proxies (launch.render_dispatcher_list)
+
+# Microsoft's own failover codes (Set-CsOnlinePSTNGateway FailoverResponseCodes: 408, 503, 504),
+# plus tm's 477 when the request could not be sent at all (TLS/TCP connection failure).
+FAILOVER_CODES = frozenset({408, 477, 503, 504})
 
 
 def decide(req: Request, policy: Policy) -> Decision:
@@ -107,7 +118,7 @@ def _request_from_microsoft(req: Request, policy: Policy) -> Decision:
         media = Media(MediaAction.OFFER, flag_string(flags), sdp)
         suffix = ";transport=tcp" if cucm.transport is Transport.TCP else ""
         record_route = (
-            f"{internal.address}:{internal.port}{suffix};r2=on",
+            f"{internal.name or internal.address}:{internal.port}{suffix};r2=on",
             f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
         )
     # Microsoft dials E.164 DIDs (Teams); CUCM wants its own dial plan, e.g. the extension.
@@ -138,7 +149,8 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
         from_uri = f"sip:{translate(req.from_user, numbers.to_microsoft)}@{policy.sbc.fqdn}{phone}"
     return RelayToMicrosoft(
         request_uri=f"sip:{called}@{proxy.fqdn}:{proxy.port};transport=tls{phone}",
-        destination=_destination(proxy),
+        proxy_set=MICROSOFT_SET,
+        proxies=len(ms.proxies),
         to_uri=ms.to_uri or f"sip:{called}@{proxy.fqdn}{phone}",
         send_socket=f"tls:{policy.sbc.external.address}:{policy.sbc.external.port}",
         advertised_host=policy.sbc.fqdn,
@@ -150,6 +162,7 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
         contact=sbc_contact(policy),
         remove_headers=_removed_toward_microsoft(policy),
         add_headers=_added_toward_microsoft(policy),
+        tls_server_id=proxy.fqdn,
     )
 
 
@@ -177,7 +190,12 @@ def _added_toward_microsoft(policy: Policy) -> tuple[str, ...]:
 def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
     ms = policy.microsoft
     edited = disable_media(req.sdp, ms.allowed_media)
-    return Media(MediaAction.OFFER, flag_string(ms.offer_flags), edited if edited != req.sdp else None)
+    flags = (*ms.offer_flags, *codec_flags(ms.codecs))
+    if ms.hold == "inactive":
+        edited = hold_as_inactive(edited)
+        # An RFC 2543 hold (c=0.0.0.0) becomes the SBC's own address; the direction says inactive.
+        flags = (*flags, "replace-zero-address")
+    return Media(MediaAction.OFFER, flag_string(flags), edited if edited != req.sdp else None)
 
 
 def _destination(proxy: Proxy) -> str:
@@ -187,7 +205,7 @@ def _destination(proxy: Proxy) -> str:
 def _inbound_rr(req: Request, policy: Policy) -> str:
     internal = policy.sbc.internal
     suffix = ";transport=tcp" if req.transport is Transport.TCP else ""
-    return f"{internal.address}:{internal.port}{suffix};r2=on"
+    return f"{internal.name or internal.address}:{internal.port}{suffix};r2=on"
 
 
 def _in_dialog(req: Request, policy: Policy) -> Decision:
@@ -202,15 +220,15 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
     if not toward_microsoft:
         return RelayInDialog(media=media, destination=None, advertise=None, late_offer=late_offer)
     refresh = req.method in (Method.INVITE, Method.UPDATE)
-    pinned = next(
-        (p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower() and p.address), None
-    )
+    known = next((p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower()), None)
+    pinned = known if known is not None and known.address else None
     return RelayInDialog(
         media=media,
         destination=_destination(pinned) if pinned else None,
         advertise=(policy.sbc.fqdn, policy.sbc.external.port),
         late_offer=late_offer,
         encode_contact=sbc_contact(policy) if refresh else None,
+        tls_server_id=known.fqdn if known else None,
     )
 
 
@@ -241,13 +259,34 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = 
     if reply.cseq_method is not Method.INVITE and reply.cseq_method is not Method.UPDATE:
         return ReplyAction(None)
     if reply.status >= 300:
-        return ReplyAction(DELETE if initial and reply.cseq_method is Method.INVITE else None)
+        # A failed initial INVITE may still fail over: the failure route releases the media.
+        return ReplyAction(None)
     if reply.status < 101:
         return ReplyAction(None)
+    provisional = initial and reply.status < 200 and reply.side is Side.MICROSOFT
     # A 1xx/2xx from CUCM goes to Microsoft: its Contact (a CUCM address) is hidden behind ours.
     contact = sbc_contact(policy) if reply.side is Side.CUCM else None
     media = _reply_media(reply, policy, late_offer) if reply.has_sdp else None
-    return ReplyAction(media, contact)
+    return ReplyAction(media, contact, provisional)
+
+
+def on_failure(branch: FailedBranch, policy: Policy, *, toward_microsoft: bool) -> FailureAction:
+    """After a relayed INVITE failed: try the next Microsoft proxy, or give up.
+
+    Microsoft's rules (MICROSOFT-NOTES §1.8): fail over on 408/503/504 and connection failures,
+    never on 603 (the user declined), and not once a provisional other than 100 was received.
+    """
+    if (
+        toward_microsoft
+        and not branch.canceled
+        and not branch.provisional_seen
+        and branch.status in FAILOVER_CODES
+    ):
+        ext = policy.sbc.external
+        return Failover(
+            f"tls:{ext.address}:{ext.port}", policy.sbc.fqdn, ext.port, len(policy.microsoft.proxies)
+        )
+    return GiveUp(DELETE)
 
 
 def _reply_media(reply: Reply, policy: Policy, late_offer: bool) -> Media:

@@ -54,8 +54,9 @@ def invite_to_microsoft_problems(invite: SipMessage, policy: Policy, cucm_addres
     """What Microsoft would reject in the INVITE it received (seed 000's 403/488 causes)."""
     problems = []
     to_uri = uri_of(invite.get("To"))
-    if to_uri != policy.microsoft.to_uri:
-        problems.append(f"To is {to_uri}, expected the forwarding address {policy.microsoft.to_uri}")
+    expected = policy.microsoft.to_uri
+    if expected is not None and to_uri != expected:  # Exchange UM's forwarding address (seed 000)
+        problems.append(f"To is {to_uri}, expected the forwarding address {expected}")
     audio = _lines(invite, "m=audio ")
     if len(audio) != 1 or audio[0].split()[2] != "RTP/SAVP":
         problems.append(f"expected one m=audio ... RTP/SAVP line, got {audio}")

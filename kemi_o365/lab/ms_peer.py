@@ -5,6 +5,11 @@ TLS, the 200 OK shape of the seed capture (a second, private c= line under m=, o
 in-dialog BYE along the route set. It enforces exactly the rules of `kemi_o365.rules` for its profile
 and, like Microsoft, answers a breach with 403/488, naming the rule in a Warning header.
 
+Teams answering mode (`teams_ringing`, `teams_early_media`): like the Teams proxy on an inbound call
+(MICROSOFT-NOTES §1.5), several 180 Ringing, each with a To-tag of its own (forked early dialogs), then
+one 183 Session Progress with the media processor's SDP, then the 200 OK with the same SDP and the
+183's To-tag. Off by default, so the Exchange UM behaviour (100, 200) stays as it was.
+
 It answers on the connection a request came in on. Requests Microsoft starts (re-INVITE, MWI NOTIFY,
 Play on Phone) go out on a connection of its own to the SBC's external listener: Microsoft does not
 reuse the SBC's connections (no RFC 5923 aliasing, MICROSOFT-NOTES §1.6), and the seed 003 Acme SBC
@@ -49,6 +54,9 @@ MS_TLS12_CIPHERS = (
 )
 SERVER_HEADER = "RTCC/ MSExchangeUM/15.01.0231.021"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
+# What the Teams SIP proxy sends (MICROSOFT-NOTES §1.3: a Kamailio trace of Microsoft's OPTIONS).
+TEAMS_SERVER_HEADER = "Microsoft.PSTNHub.SIPProxy"
+TEAMS_ALLOW = "INVITE,ACK,OPTIONS,CANCEL,BYE,NOTIFY"
 # RFC 3261 §20.43: 399 is the "miscellaneous" warn-code, free text for the rule that failed.
 WARN_CODE = 399
 MWI_CONTENT_TYPE = "application/simple-message-summary"  # RFC 3842 §6
@@ -202,10 +210,16 @@ class MicrosoftPeer:
         profile: Profile = Profile.EXCHANGE_UM,
         expected_sbc_fqdn: str | None = None,
         keylog_file: Path | None = None,
+        teams_ringing: int = 0,
+        teams_early_media: bool = False,
     ) -> None:
-        """`profile` picks the rules enforced on INVITEs (kemi_o365.rules); `expected_sbc_fqdn` is the
-        FQDN Microsoft was configured with for the SBC (None: the certificate rules are skipped);
-        `keylog_file` gets NSS key-log lines of every connection, so tshark can decrypt a capture."""
+        """`profile` picks the rules enforced on INVITEs (kemi_o365.rules) and the Server/Allow headers;
+        `expected_sbc_fqdn` is the FQDN Microsoft was configured with for the SBC (None: the
+        certificate rules are skipped); `keylog_file` gets NSS key-log lines of every connection, so
+        tshark can decrypt a capture. `teams_ringing` (that many 180s, each a fork with a To-tag of its
+        own) and `teams_early_media` (one 183 with the SDP answer) play the Teams proxy's answer."""
+        if teams_ringing < 0:
+            raise ValueError(f"teams_ringing must be >= 0, got {teams_ringing}")
         _require_loopback(host)
         _require_loopback(media_ip)
         self.host = host
@@ -217,6 +231,9 @@ class MicrosoftPeer:
         self.contact_host = contact_host or _cert_file_cn(Path(cert)) or host
         self.answer_code: tuple[int, str] = (200, "OK")
         self.answer_delay = 0.0  # > 0: send 180 and answer later, leaving room for a CANCEL
+        # Teams answering mode (MICROSOFT-NOTES §1.5); with answer_delay, the 200 comes that much later.
+        self.teams_ringing = teams_ringing  # 180s before the answer, each with a different To-tag
+        self.teams_early_media = teams_early_media  # one 183 with SDP, with the final To-tag
         self.profile = profile
         self.expected_sbc_fqdn = expected_sbc_fqdn
         self.received: list[Received] = []
@@ -289,6 +306,19 @@ class MicrosoftPeer:
         self.stop()
 
     # ----- public helpers ---------------------------------------------------------------------
+
+    @property
+    def server_header(self) -> str:
+        """Our Server / User-Agent value: Exchange UM's, or the Teams SIP proxy's."""
+        return TEAMS_SERVER_HEADER if self._teams else SERVER_HEADER
+
+    @property
+    def allow_header(self) -> str:
+        return TEAMS_ALLOW if self._teams else ALLOW
+
+    @property
+    def _teams(self) -> bool:
+        return self.profile is Profile.TEAMS_DIRECT_ROUTING
 
     def wait_for(
         self, predicate: Callable[[Received], bool], timeout: float = 5.0, *, start: int = 0
@@ -402,7 +432,7 @@ class MicrosoftPeer:
                 ("Contact", self._contact()),
                 ("Event", "message-summary"),
                 ("Subscription-State", "active"),
-                ("User-Agent", SERVER_HEADER),
+                ("User-Agent", self.server_header),
                 ("Content-Type", MWI_CONTENT_TYPE),
             ],
             f"Messages-Waiting: {waiting}\r\nMessage-Account: {account}\r\nVoice-Message: {count} (0/0)\r\n",
@@ -420,28 +450,40 @@ class MicrosoftPeer:
         hold_s: float = 0.5,
         hangup: bool = True,
         timeout: float = 5.0,
+        user_phone: bool | None = None,
+        on_answered: Callable[[Call, SipMessage], None] | None = None,
     ) -> PeerCall:
-        """Play on Phone: a new SRTP call to `to_user` behind the SBC, over a new connection.
+        """A new SRTP call to `to_user` behind the SBC, over a new connection: Exchange UM's Play on
+        Phone, or (Teams profile) a Teams user calling a number behind the SBC.
 
-        Waits for the final response (provisionals allowed before), ACKs a 2xx, and with `hangup`
-        sends BYE after `hold_s` unless the SBC hung up first. `timeout` bounds each transaction.
+        Teams sends E.164 numbers (MICROSOFT-NOTES §1.4) and addresses the SBC as it was paired, FQDN
+        and port: `INVITE sip:+442079460048@sbc1.contoso.example:5061;user=phone;transport=tls`, From
+        `<sip:+441632960001@sip.pstnhub.microsoft.com;user=phone>`. `user_phone` adds `;user=phone` to
+        the Request-URI, To and From (None: under the Teams profile, to each number starting with '+').
+
+        Waits for the final response (provisionals allowed before), ACKs a 2xx, calls `on_answered`
+        (the call, the 2xx) once the ACK is out, e.g. to start media, and with `hangup` sends BYE
+        `hold_s` after that unless the SBC hung up first. `timeout` bounds each transaction.
         """
         link = self._connect(target, sbc_fqdn)
         call_id = f"{secrets.token_hex(12)}@{self.contact_host}"
         local_tag = secrets.token_hex(5)
-        request_uri = f"sip:{to_user}@{sbc_fqdn}"
+        port = f":{target[1]}" if self._teams else ""
+        callee = f"sip:{to_user}@{sbc_fqdn}{port}{self._phone_param(to_user, user_phone)}"
+        caller = f"sip:{from_user}@{self.contact_host}{self._phone_param(from_user, user_phone)}"
+        request_uri = f"{callee};transport=tls" if self._teams else callee
         req = SipMessage(
             f"INVITE {request_uri} SIP/2.0",
             [
                 ("Via", self._via(link)),
                 ("Max-Forwards", "70"),
-                ("From", f"<sip:{from_user}@{self.contact_host}>;tag={local_tag}"),
-                ("To", f"<{request_uri}>"),
+                ("From", f"<{caller}>;tag={local_tag}"),
+                ("To", f"<{callee}>"),
                 ("Call-ID", call_id),
                 ("CSeq", "1 INVITE"),
                 ("Contact", self._contact()),
-                ("Allow", ALLOW),
-                ("User-Agent", SERVER_HEADER),
+                ("Allow", self.allow_header),
+                ("User-Agent", self.server_header),
                 ("Content-Type", "application/sdp"),
             ],
         )
@@ -477,6 +519,8 @@ class MicrosoftPeer:
         call.state = "answered"
         self._emit(link, self._ack(call, link, req, final))
         call.state = "confirmed"
+        if on_answered is not None:
+            on_answered(call, final)
         bye: SipMessage | None = None
         if hangup:
             deadline = time.monotonic() + hold_s
@@ -485,6 +529,11 @@ class MicrosoftPeer:
             if self._call_state(call_id) != "ended":
                 bye = self.hangup(call_id, timeout)
         return PeerCall(call_id, final, tuple(provisional), final.body or None, bye)
+
+    def _phone_param(self, user: str, user_phone: bool | None) -> str:
+        """`;user=phone` for a URI with this user part (RFC 3261 §19.1.1), by choice or by profile."""
+        wanted = self._teams and user.startswith("+") if user_phone is None else user_phone
+        return ";user=phone" if wanted else ""
 
     # ----- connections ------------------------------------------------------------------------
 
@@ -705,11 +754,29 @@ class MicrosoftPeer:
             call.state = "rejected"  # no media is opened for a refused offer
             self._send(link, self._refusal(link, msg, breach, tag=call.local_tag))
             return
+        teams_mode = self.teams_ringing > 0 or self.teams_early_media
+        if teams_mode:
+            self._teams_progress(link, call)
         if self.answer_delay > 0:
-            self._send(link, self._response(link, msg, 180, "Ringing", tag=call.local_tag))
+            if not teams_mode:
+                self._send(link, self._response(link, msg, 180, "Ringing", tag=call.local_tag))
             call.answer_at = time.monotonic() + self.answer_delay
         else:
             self._answer(link, call)
+
+    def _teams_progress(self, link: _Link, call: Call) -> None:
+        """The Teams proxy's provisionals on an inbound call (MICROSOFT-NOTES §1.5): one 180 per
+        ringing endpoint, each a forked early dialog with a To-tag of its own, then one 183 with the
+        media processor's SDP and the To-tag the 200 will carry."""
+        for _ in range(self.teams_ringing):
+            fork_tag = secrets.token_hex(5)
+            self._send(link, self._dialog_response(link, call.invite, 180, "Ringing", fork_tag))
+        if self.teams_early_media:
+            self._open_media(call)
+            early = self._dialog_response(link, call.invite, 183, "Session Progress", call.local_tag)
+            early.headers.append(("Content-Type", "application/sdp"))
+            early.body = self._answer_sdp(call)
+            self._send(link, early)
 
     def _on_reinvite(self, link: _Link, msg: SipMessage, call: Call) -> None:
         if call.state not in ("answered", "confirmed"):
@@ -741,9 +808,11 @@ class MicrosoftPeer:
         code, reason = self.answer_code
         if not 200 <= code < 300:
             call.state = "rejected"
+            call.close_media()  # opened for a 183's early media
             self._send(link, self._response(link, call.invite, code, reason, tag=call.local_tag))
             return
-        self._open_media(call)
+        if call.media_sock is None:  # a 183 already opened it: the 200 repeats the 183's answer
+            self._open_media(call)
         call.state = "answered"
         self._send(link, self._ok_with_answer(link, call.invite, call, code, reason))
         log.info("answered call %s, media %s:%d", call.call_id, self.media_ip, call.media_port)
@@ -785,6 +854,7 @@ class MicrosoftPeer:
         if call.state == "proceeding":
             call.answer_at = None
             call.state = "cancelled"
+            call.close_media()  # opened for a 183's early media
             self._emit(
                 call.link,
                 self._response(call.link, call.invite, 487, "Request Terminated", tag=call.local_tag),
@@ -795,11 +865,13 @@ class MicrosoftPeer:
         if breach is not None:
             self._send(link, self._refusal(link, msg, breach))
             return
-        extra = [("Allow", ALLOW), ("Accept", "application/sdp"), ("Server", SERVER_HEADER)]
+        extra = [("Allow", self.allow_header), ("Accept", "application/sdp"), ("Server", self.server_header)]
         self._send(link, self._response(link, msg, 200, "OK", extra=extra))
 
     def _on_unknown(self, link: _Link, msg: SipMessage) -> None:
-        self._send(link, self._response(link, msg, 501, "Not Implemented", extra=[("Allow", ALLOW)]))
+        self._send(
+            link, self._response(link, msg, 501, "Not Implemented", extra=[("Allow", self.allow_header)])
+        )
 
     # ----- message building -------------------------------------------------------------------
 
@@ -824,16 +896,23 @@ class MicrosoftPeer:
         headers += [("From", req.get("From")), ("Call-ID", req.get("Call-ID")), ("CSeq", req.get("CSeq"))]
         return SipMessage(f"SIP/2.0 {code} {reason}", headers + (extra or []))
 
+    def _dialog_response(
+        self, link: _Link, invite: SipMessage, code: int, reason: str, tag: str
+    ) -> SipMessage:
+        """A dialog-creating response (RFC 3261 §12.1.1): Record-Route copied, our Contact."""
+        resp = self._response(link, invite, code, reason, tag=tag)
+        resp.headers += [("Record-Route", rr) for rr in invite.get_all("Record-Route")]
+        resp.headers.append(("Contact", self._contact()))
+        return resp
+
     def _ok_with_answer(
         self, link: _Link, invite: SipMessage, call: Call, code: int = 200, reason: str = "OK"
     ) -> SipMessage:
-        resp = self._response(link, invite, code, reason, tag=call.local_tag)
-        resp.headers += [("Record-Route", rr) for rr in invite.get_all("Record-Route")]
+        resp = self._dialog_response(link, invite, code, reason, call.local_tag)
         resp.headers += [
-            ("Contact", self._contact()),
             ("Content-Type", "application/sdp"),
             ("P-Asserted-Identity", f"<{uri_of(invite.get('To'))}>"),
-            ("Server", SERVER_HEADER),
+            ("Server", self.server_header),
             ("Session-Expires", "1800;refresher=uac"),
             ("Min-SE", "1800"),
         ]
@@ -874,7 +953,7 @@ class MicrosoftPeer:
             ("To", call.remote_party),
             ("Call-ID", call.call_id),
             ("CSeq", f"{cseq} {method}"),
-            ("User-Agent", SERVER_HEADER),
+            ("User-Agent", self.server_header),
         ]
         return SipMessage(f"{method} {call.remote_contact} SIP/2.0", headers)
 

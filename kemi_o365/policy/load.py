@@ -250,7 +250,9 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
     rf = _readable_file(r)
     nowhere = Path("/nonexistent")
     internal = r.mapping(
-        m.get("internal"), "sbc.internal", {"address": True, "port": False, "transports": False}
+        m.get("internal"),
+        "sbc.internal",
+        {"address": True, "port": False, "transports": False, "name": False},
     )
     external = r.mapping(
         m.get("external"),
@@ -271,6 +273,7 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
             address=r.field(internal.get("address"), "sbc.internal.address", _ip, "0.0.0.0"),
             port=r.field(internal.get("port"), "sbc.internal.port", _port, 5060),
             transports=transports or (Transport.UDP, Transport.TCP),
+            name=r.field(internal.get("name"), "sbc.internal.name", _fqdn, None),
         ),
         external=ExternalSide(
             address=r.field(external.get("address"), "sbc.external.address", _ip, "0.0.0.0"),
@@ -401,6 +404,7 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         "allow": False,
         "codecs": False,
         "hold": False,
+        "options_interval": False,
     }
     m = r.mapping(node, "microsoft", keys)
     match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
@@ -427,6 +431,9 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         allow=r.items(m.get("allow"), "microsoft.allow", _sip_method),
         codecs=r.items(m.get("codecs"), "microsoft.codecs", _codec),
         hold=r.field(m.get("hold"), "microsoft.hold", _hold_mode, "passthrough"),
+        options_interval=r.field(
+            m.get("options_interval"), "microsoft.options_interval", lambda n: _integer(n, 1, 300), 60
+        ),
     )
 
 

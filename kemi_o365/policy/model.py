@@ -48,6 +48,9 @@ class InternalSide:
     """SIP port toward CUCM (UDP and TCP share it)."""
     transports: tuple[Transport, ...]
     """Transports CUCM may use (udp, tcp)."""
+    name: str | None = None
+    """Host name CUCM reaches the SBC by (its trunk destination). Used in the inbound Record-Route,
+    which Microsoft sees too: Teams refuses an IP there (MICROSOFT-NOTES §1.4). None: the address."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class Numbers:
     to_microsoft: tuple[NumberRule, ...] = ()
     """CUCM's called and calling numbers -> what Microsoft expects (E.164 with '+' for Teams)."""
     from_microsoft: tuple[NumberRule, ...] = ()
-    """Microsoft's called and calling numbers -> CUCM's dial plan (DID -> extension)."""
+    """Microsoft's called number -> CUCM's dial plan (DID -> extension); the caller's E.164 stays."""
     user_phone: bool = False
     """Add ;user=phone to the Request-URI and From toward Microsoft (recommended for Teams)."""
 
@@ -151,6 +154,8 @@ class Microsoft:
     numbers: Numbers = Numbers()
     x_ms_sbc: str | None = None
     """Value of the X-MS-SBC header toward Microsoft ("Vendor/Model/Version"); None: not sent."""
+    options_interval: int = 60
+    """Seconds between OPTIONS pings to each proxy (Microsoft demotes a trunk silent for 5 minutes)."""
     codecs: tuple[str, ...] = ()
     """Codecs offered to Microsoft (rtpengine strips the rest); empty: CUCM's offer as it is."""
     hold: str = "passthrough"

@@ -2,6 +2,7 @@
 # tests/unit/test_ksr_api.py checks every call in our code against the installed Kamailio's
 # app_python.api_list, so this stub and the real API cannot drift apart unnoticed.
 from . import corex as corex
+from . import dispatcher as dispatcher
 from . import hdr as hdr
 from . import maxfwd as maxfwd
 from . import pv as pv

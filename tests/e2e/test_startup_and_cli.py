@@ -15,7 +15,14 @@ import pytest
 import yaml
 
 from kemi_o365 import rpc
-from kemi_o365.launch import RunDir, Stack, kamailio_command, kamailio_env, render_tls_cfg
+from kemi_o365.launch import (
+    RunDir,
+    Stack,
+    kamailio_command,
+    kamailio_env,
+    render_dispatcher_list,
+    render_tls_cfg,
+)
 from tests.e2e.conftest import Lab, lab_policy_data, start_lab
 
 pytestmark = pytest.mark.e2e
@@ -41,6 +48,7 @@ def test_kamailio_refuses_to_start_on_an_invalid_policy(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     run.tls_cfg.write_text(render_tls_cfg(policy))
+    run.dispatcher_list.write_text(render_dispatcher_list(policy))
     # The policy Kamailio reads at start-up turns bad after the CLI checked it: Kamailio itself must refuse.
     text = policy.source.read_text().replace("port_min:", "port_minimum:")
     policy.source.write_text(text)

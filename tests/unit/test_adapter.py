@@ -159,6 +159,7 @@ def actions(ksr: KsrDouble) -> list[Call]:
         "textops.has_body_type",
         "rr.loose_route",
         "tls.is_peer_verified",
+        "tm.t_is_canceled",
         "warn",  # refusal log lines; test_refusals_are_logged checks them
     }
     return [c for c in ksr.calls if c[0] not in reads and c[0] != "sanity.sanity_check"]
@@ -174,6 +175,11 @@ def errors(ksr: KsrDouble) -> list[str]:
 def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
 
+    def select_proxy(_set: int, _alg: int) -> int:
+        ksr.vars["$dd"] = MS_FQDN  # the next hop the dispatcher picked
+        return 1
+
+    ksr.returns["dispatcher.ds_select_dst"] = select_proxy
     rc = handler.ksr_request_route(None)
 
     assert rc == 1
@@ -201,11 +207,14 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
         ("siputils.contact_param_encode", ("kemi", f"sip:{SBC_FQDN}:5061;transport=tls")),
         ("hdr.remove", ("Replaces",)),
         ("seturi", (f"sip:87000@{MS_FQDN}:5061;transport=tls",)),
-        ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
+        # The dispatcher picks the healthy proxy with the highest priority as the next hop.
+        ("dispatcher.ds_select_dst", (1, 8)),
         ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
-        ("tls.set_connect_server_id", (MS_FQDN,)),
         ("set_advertised_address", (SBC_FQDN,)),
         ("set_advertised_port", ("5061",)),
+        ("pv.gete", ("$dd",)),
+        ("tls.set_connect_server_id", (MS_FQDN,)),
+        ("tm.t_on_failure", ("ksr_failure_microsoft",)),
         ("tm.t_on_reply", ("ksr_onreply_initial",)),
         ("tm.t_relay", ()),
     ]
@@ -222,11 +231,16 @@ def test_seed_invite_over_udp_records_a_route_without_transport(
     assert presets == [(f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;r2=on")]
 
 
-def test_failed_relay_answers_with_the_tm_error(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+def test_unreachable_microsoft_is_503_after_trying_each_proxy_once(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
-    ksr.returns["tm.t_relay"] = -478
+    ksr.returns["tm.t_relay"] = -478  # the TLS connection could not be opened
     assert handler.ksr_request_route(None) == 1
-    assert ksr.names()[-2:] == ["tm.t_relay", "sl.sl_reply_error"]
+    names = ksr.names()
+    assert names.count("tm.t_relay") == 1  # the lab policy has one proxy
+    assert names[-2:] == ["sl.send_reply", "rtpengine.rtpengine_delete0"]
+    assert ("sl.send_reply", (503, "No Microsoft Proxy Reachable")) in ksr.calls
 
 
 @pytest.mark.parametrize(
@@ -342,7 +356,49 @@ def test_reply_reads_status_and_cseq_method(ksr: KsrDouble, handler: kemi.Kamail
     script_reply(ksr, 486, "INVITE", side="microsoft")
     assert handler.ksr_onreply_initial(None) == 1
     assert ("pv.geti", ("$rs",)) in ksr.calls
-    assert actions(ksr) == [("rtpengine.rtpengine_delete0", ())]
+    # A failed initial INVITE may still fail over: the failure route, not the reply, releases media.
+    assert actions(ksr) == []
+
+
+def test_provisional_from_microsoft_is_remembered_for_the_failure_route(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_reply(ksr, 180, "INVITE", side="microsoft")
+    assert handler.ksr_onreply_initial(None) == 1
+    assert ("pv.seti", ("$avp(kemi_o365_prov)", 1)) in ksr.calls
+
+
+@pytest.mark.parametrize(
+    ("status", "provisional", "fails_over"),
+    [(503, 0, True), (408, 0, True), (603, 0, False), (503, 1, False)],
+)
+def test_failure_route_fails_over_or_releases_media(
+    ksr: KsrDouble, handler: kemi.Kamailio, status: int, provisional: int, fails_over: bool
+) -> None:
+    ksr.vars.update({"$T_reply_code": status, "$avp(kemi_o365_prov)": provisional, "$dd": "sip2.example.net"})
+    ksr.returns["tm.t_is_canceled"] = -1
+    assert handler.ksr_failure_microsoft(None) == 1
+    if fails_over:
+        assert actions(ksr) == [
+            ("dispatcher.ds_mark_dst_state", ("ip",)),
+            ("dispatcher.ds_next_dst", ()),
+            ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
+            ("set_advertised_address", (SBC_FQDN,)),
+            ("set_advertised_port", ("5061",)),
+            ("tls.set_connect_server_id", ("sip2.example.net",)),
+            ("tm.t_on_failure", ("ksr_failure_microsoft",)),
+            ("tm.t_on_reply", ("ksr_onreply_initial",)),
+            ("tm.t_relay", ()),
+        ]
+    else:
+        assert actions(ksr) == [("rtpengine.rtpengine_delete0", ())]
+
+
+def test_options_pings_get_the_sbc_contact(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    ksr.vars["$rm"] = "OPTIONS"
+    ksr.returns["hdr.is_present"] = -1
+    assert handler.ksr_tm_event(None, "tm:local-request") == 1
+    assert ("hdr.append", (f"Contact: <sip:{SBC_FQDN}:5061;transport=tls>\r\n",)) in ksr.calls
 
 
 def test_failed_reinvite_keeps_the_media_session(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
@@ -510,11 +566,15 @@ def test_failed_seturi_stops_the_relay(ksr: KsrDouble, handler: kemi.Kamailio) -
     assert ("sl.send_reply", (500, "Internal Server Error")) in ksr.calls
 
 
-def test_failed_setdsturi_stops_the_relay(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+def test_no_microsoft_proxy_available_is_503_and_releases_media(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
-    ksr.returns["setdsturi"] = False
+    ksr.returns["dispatcher.ds_select_dst"] = -1
     assert handler.ksr_request_route(None) == 1
     assert "tm.t_relay" not in ksr.names()
+    assert ("sl.sl_send_reply", (503, "No Microsoft Proxy Available")) in ksr.calls
+    assert ("rtpengine.rtpengine_delete0", ()) in ksr.calls
 
 
 # --- (g) every callback returns the int 1 (KAMAILIO-NOTES P2) ---------------------------------------------
@@ -538,7 +598,8 @@ def test_every_callback_returns_int_1(
     elif trouble == "rtpengine":
         ksr.returns["rtpengine.rtpengine_offer"] = -1
         ksr.returns["rtpengine.rtpengine_answer"] = -1
-    rc = getattr(handler, name)(None)
+    args: tuple[object, ...] = (None, "tm:local-request") if name == "ksr_tm_event" else (None,)
+    rc = getattr(handler, name)(*args)
     assert type(rc) is int, f"{name} returned {rc!r}"
     assert rc == 1
 

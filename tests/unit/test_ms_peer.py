@@ -1053,3 +1053,155 @@ def test_keylog_file_gets_both_directions(
     # TLS 1.3 logs traffic secrets, 1.2 a CLIENT_RANDOM line: one secret set per connection at least.
     secrets_lines = [ln for ln in lines if ln.startswith(("CLIENT_TRAFFIC_SECRET_0", "CLIENT_RANDOM"))]
     assert len(secrets_lines) >= 2
+
+
+# ----- Teams Direct Routing answering and calls ---------------------------------------------------
+
+TEAMS_CONTACT = f"<sip:{SBC_FQDN}:5061;transport=tls>"
+
+
+def teams_invite(call_id: str) -> SipMessage:
+    """The INVITE as an SBC paired with Teams sends it: its FQDN in Contact and the top Record-Route."""
+    inv = invite(call_id)
+    inv.headers = [(n, v) for n, v in inv.headers if n != "Record-Route"]
+    inv.headers.insert(0, ("Record-Route", f"<sip:{SBC_FQDN}:5061;transport=tls;r2=on;lr>"))
+    inv.set("Contact", TEAMS_CONTACT)
+    return inv
+
+
+@pytest.fixture
+def teams_peer(pki: LabPki) -> Iterator[MicrosoftPeer]:
+    with MicrosoftPeer(
+        host=PEER_IP,
+        port=0,
+        cert=pki.ms_cert,
+        key=pki.ms_key,
+        ca=pki.ca_cert,
+        media_ip=PEER_IP,
+        answer_sdp_private_c=None,
+        profile=Profile.TEAMS_DIRECT_ROUTING,
+        expected_sbc_fqdn=SBC_FQDN,
+        teams_ringing=2,
+        teams_early_media=True,
+    ) as p:
+        yield p
+
+
+def responses(client: SipTlsClient, count: int) -> list[SipMessage]:
+    return [client.recv(lambda m: not m.is_request) for _ in range(count)]
+
+
+def test_teams_forks_ringing_then_early_media_then_answers(teams_peer: MicrosoftPeer, pki: LabPki) -> None:
+    client = SipTlsClient(pki, teams_peer.port)
+    try:
+        inv = teams_invite("call-teams-fork")
+        client.send(inv)
+        got = responses(client, 5)
+    finally:
+        client.close()
+    assert [m.status for m in got] == [100, 180, 180, 183, 200]
+    trying, ring1, ring2, early, ok = got
+    call = teams_peer.calls["call-teams-fork"]
+    tags = [header_param(m.get("To"), "tag") for m in (ring1, ring2, early, ok)]
+    # Each 180 is a fork of its own; the 183 and the 200 share the dialog's final tag.
+    assert tags[0] != tags[1] and call.local_tag not in tags[:2]
+    assert tags[2] == tags[3] == call.local_tag
+    assert header_param(trying.get("To"), "tag") is None
+    for m in (ring1, ring2, early, ok):
+        assert m.get_all("Record-Route") == inv.get_all("Record-Route")
+        assert m.get("Contact") == f"<sip:{teams_peer.contact_host}:{teams_peer.port};transport=tls>"
+    assert ring1.body == ring2.body == ""
+    assert early.get("Content-Type") == "application/sdp"
+    assert early.body == ok.body != ""
+    assert f"m=audio {call.media_port} RTP/SAVP 0 101" in early.sdp_lines
+    assert [ln for ln in early.sdp_lines if ln.startswith("c=")] == [f"c=IN IP4 {PEER_IP}"]
+    assert ok.get("Server") == "Microsoft.PSTNHub.SIPProxy"
+    assert teams_peer.violations == []
+    assert state_of(teams_peer, "call-teams-fork") == "answered"
+
+
+def test_teams_early_media_then_cancel(teams_peer: MicrosoftPeer, pki: LabPki) -> None:
+    teams_peer.teams_ringing = 1
+    teams_peer.answer_delay = 5.0
+    client = SipTlsClient(pki, teams_peer.port)
+    try:
+        inv = teams_invite("call-teams-cancel")
+        client.send(inv)
+        assert [m.status for m in responses(client, 3)] == [100, 180, 183]
+        assert teams_peer.calls["call-teams-cancel"].media_sock is not None
+        client.send(cancel_for(inv))
+        client.recv(status_is(200, "CANCEL"))
+        terminated = client.recv(status_is(487))
+    finally:
+        client.close()
+    assert header_param(terminated.get("To"), "tag") == teams_peer.calls["call-teams-cancel"].local_tag
+    assert state_of(teams_peer, "call-teams-cancel") == "cancelled"
+    assert teams_peer.calls["call-teams-cancel"].media_sock is None
+
+
+def test_teams_early_media_then_rejection_closes_media(teams_peer: MicrosoftPeer, pki: LabPki) -> None:
+    teams_peer.teams_ringing = 0
+    teams_peer.answer_code = (480, "Temporarily Unavailable")
+    client = SipTlsClient(pki, teams_peer.port)
+    try:
+        client.send(teams_invite("call-teams-480"))
+        assert [m.status for m in responses(client, 3)] == [100, 183, 480]
+    finally:
+        client.close()
+    assert teams_peer.calls["call-teams-480"].media_sock is None
+
+
+def test_teams_mode_is_off_by_default(peer: MicrosoftPeer, connect: Connect) -> None:
+    assert (peer.teams_ringing, peer.teams_early_media) == (0, False)
+    client = connect()
+    client.send(invite("call-plain"))
+    assert [m.status for m in responses(client, 2)] == [100, 200]
+    with pytest.raises(ValueError, match="teams_ringing"):
+        MicrosoftPeer(
+            host=PEER_IP,
+            port=0,
+            cert=Path("x"),
+            key=Path("x"),
+            ca=Path("x"),
+            media_ip=PEER_IP,
+            teams_ringing=-1,
+        )
+
+
+def test_teams_call_sends_e164_with_user_phone(
+    teams_peer: MicrosoftPeer, sbc_listener: Callable[[Responder], FakeSbcListener]
+) -> None:
+    sbc = sbc_listener(sbc_answers())
+    answered: list[tuple[str, int]] = []
+    result = teams_peer.call(
+        sbc.address,
+        to_user="+442079460048",
+        from_user="+441632960001",
+        sbc_fqdn=SBC_FQDN,
+        hold_s=0.1,
+        on_answered=lambda call, ok: answered.append((call.call_id, ok.status)),
+    )
+    assert result.final.status == 200
+    assert answered == [(result.call_id, 200)]
+    _, inv = sbc.wait(is_req("INVITE"))
+    callee = f"sip:+442079460048@{SBC_FQDN}:{sbc.port};user=phone"
+    assert inv.start_line == f"INVITE {callee};transport=tls SIP/2.0"
+    assert inv.get("To") == f"<{callee}>"
+    assert inv.get("From").startswith(f"<sip:+441632960001@{MS_FQDN};user=phone>;tag=")
+    assert inv.get("User-Agent") == "Microsoft.PSTNHub.SIPProxy"
+    assert inv.get("Allow") == "INVITE,ACK,OPTIONS,CANCEL,BYE,NOTIFY"
+    _, bye = sbc.wait(is_req("BYE"))
+    assert bye.get("To") == f"<{callee}>;tag=sbc-tag"
+
+
+def test_user_phone_can_be_forced_either_way(
+    peer: MicrosoftPeer, teams_peer: MicrosoftPeer, sbc_listener: Callable[[Responder], FakeSbcListener]
+) -> None:
+    sbc = sbc_listener(sbc_answers())
+    peer.call(sbc.address, to_user="10048", sbc_fqdn=SBC_FQDN, hold_s=0, user_phone=True)
+    _, um = sbc.wait(is_req("INVITE"))
+    assert um.start_line == f"INVITE sip:10048@{SBC_FQDN};user=phone SIP/2.0"
+    assert um.get("From").startswith(f"<sip:87000@{MS_FQDN};user=phone>")
+    teams_peer.call(sbc.address, to_user="+442079460048", sbc_fqdn=SBC_FQDN, hold_s=0, user_phone=False)
+    _, teams = sbc.wait(lambda m: is_req("INVITE")(m) and m is not um)
+    assert teams.start_line == f"INVITE sip:+442079460048@{SBC_FQDN}:{sbc.port};transport=tls SIP/2.0"

@@ -13,6 +13,9 @@ from kemi_o365 import routing
 from kemi_o365.decision import (
     Decision,
     Drop,
+    FailedBranch,
+    Failover,
+    GiveUp,
     Media,
     MediaAction,
     RelayCancel,
@@ -144,7 +147,8 @@ def test_invite_from_cucm_is_relayed_to_microsoft(
     decision = routing.decide(request(transport=transport), policy)
     assert decision == RelayToMicrosoft(
         request_uri=f"sip:87000@{MS_FQDN}:5061;transport=tls",
-        destination="sip:127.0.0.3:5061;transport=tls",
+        proxy_set=1,
+        proxies=1,
         to_uri=TO_URI,
         send_socket="tls:127.0.0.2:5061",
         advertised_host=SBC_FQDN,
@@ -413,13 +417,20 @@ NOTHING = ReplyAction(None)
 
 REPLY_CASES = [
     ReplyCase("200 with SDP from Microsoft", ms_reply(200, sdp=MS_SDP), True, ReplyAction(ANSWER_TO_CUCM)),
-    ReplyCase("183 with SDP from Microsoft", ms_reply(183, sdp=MS_SDP), True, ReplyAction(ANSWER_TO_CUCM)),
+    # A provisional other than 100 from Microsoft ends the chance to fail over (MICROSOFT-NOTES §1.8).
+    ReplyCase(
+        "183 with SDP from Microsoft",
+        ms_reply(183, sdp=MS_SDP),
+        True,
+        ReplyAction(ANSWER_TO_CUCM, provisional=True),
+    ),
     ReplyCase("200 with SDP to a re-INVITE", ms_reply(200, sdp=MS_SDP), False, ReplyAction(ANSWER_TO_CUCM)),
     ReplyCase("100 Trying", ms_reply(100), True, NOTHING),
-    ReplyCase("180 without SDP", ms_reply(180), True, NOTHING),
+    ReplyCase("180 without SDP", ms_reply(180), True, ReplyAction(None, provisional=True)),
     ReplyCase("200 without SDP", ms_reply(200), True, NOTHING),
-    ReplyCase("486 to the initial INVITE", ms_reply(486), True, ReplyAction(DELETE)),
-    ReplyCase("488 to the initial INVITE", ms_reply(488, sdp=MS_SDP), True, ReplyAction(DELETE)),
+    # The failure route decides about a failed initial INVITE (it may fail over): nothing here.
+    ReplyCase("486 to the initial INVITE", ms_reply(486), True, NOTHING),
+    ReplyCase("488 to the initial INVITE", ms_reply(488, sdp=MS_SDP), True, NOTHING),
     # A refused re-INVITE leaves the call up: its media session must survive.
     ReplyCase("488 to a re-INVITE", ms_reply(488), False, NOTHING),
     ReplyCase("491 to a re-INVITE from CUCM", cucm_reply(491), False, NOTHING),
@@ -564,3 +575,25 @@ def test_teams_offer_prunes_codecs_and_sends_hold_as_inactive(tmp_path: Path) ->
     )
     assert isinstance(um, RelayInDialog) and um.media is not None
     assert um.media.sdp is None and "codec-strip=all" not in um.media.flags
+
+
+@pytest.mark.parametrize(
+    ("branch", "toward_microsoft", "fails_over"),
+    [
+        (FailedBranch(408, provisional_seen=False, canceled=False), True, True),  # no answer in time
+        (FailedBranch(503, provisional_seen=False, canceled=False), True, True),
+        (FailedBranch(504, provisional_seen=False, canceled=False), True, True),
+        (FailedBranch(477, provisional_seen=False, canceled=False), True, True),  # TLS/TCP send failure
+        (FailedBranch(603, provisional_seen=False, canceled=False), True, False),  # declined: never retry
+        (FailedBranch(486, provisional_seen=False, canceled=False), True, False),
+        (FailedBranch(503, provisional_seen=True, canceled=False), True, False),  # it had rung already
+        (FailedBranch(487, provisional_seen=False, canceled=True), True, False),  # CUCM cancelled
+        (FailedBranch(503, provisional_seen=False, canceled=False), False, False),  # toward CUCM
+    ],
+)
+def test_failover_follows_microsofts_rules(
+    policy: Policy, branch: FailedBranch, toward_microsoft: bool, fails_over: bool
+) -> None:
+    action = routing.on_failure(branch, policy, toward_microsoft=toward_microsoft)
+    expected = Failover("tls:127.0.0.2:5061", SBC_FQDN, 5061, 1) if fails_over else GiveUp(DELETE)
+    assert action == expected
