@@ -77,6 +77,18 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from kemi_o365 import rpc
+    from kemi_o365.status import report
+
+    try:
+        print(report(Path(args.rundir)))
+    except (OSError, rpc.RpcError) as exc:
+        print(f"no running kemi-o365 in {args.rundir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kemi_o365.lab.demo import run_demo
 
@@ -131,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rundir", help="directory for generated files, sockets and logs (default: a new temp dir)"
     )
     run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="listeners, Microsoft proxies' health, calls of a running SBC")
+    status.add_argument("--rundir", required=True, help="the directory given to `kemi-o365 run --rundir`")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser(
         "demo", help="the built-in lab: one seed call CUCM -> SBC -> Microsoft, with a ladder"

@@ -57,6 +57,11 @@ class RunDir:
         return self.root / "kamailio.log"
 
     @property
+    def policy_record(self) -> Path:
+        """Which policy this run was started with (read by `kemi-o365 status`)."""
+        return self.root / "policy-path"
+
+    @property
     def dispatcher_list(self) -> Path:
         return self.root / "dispatcher.list"
 
@@ -203,6 +208,7 @@ class Stack:
         self.run.root.mkdir(parents=True, exist_ok=True)
         self.run.tls_cfg.write_text(render_tls_cfg(self.policy))
         self.run.dispatcher_list.write_text(render_dispatcher_list(self.policy))
+        self.run.policy_record.write_text(f"{self.policy.source}\n")
         try:
             self._spawn("rtpengine", rtpengine_command(self.policy, self.run), self.run.rtpengine_log, None)
             rtp = self.policy.rtpengine

@@ -8,6 +8,8 @@ after a provisional other than 100.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -176,6 +178,19 @@ def test_options_pings_carry_the_sbc_fqdn_and_track_health(tmp_path: Path) -> No
         assert result.ok, result.describe()
         assert time.monotonic() - started < 3
         assert lab.invites(SECONDARY) == 2
+        # What an operator sees.
+        status = subprocess.run(
+            [str(Path(sys.prefix) / "bin" / "kemi-o365"), "status", "--rundir", str(lab.stack.run.root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        rows = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln.startswith("  sip:")}
+        assert "inactive" in rows[f"sip:{PRIMARY}:{lab.policy.microsoft.proxies[0].port};transport=tls"]
+        assert " active" in rows[f"sip:{SECONDARY}:{lab.policy.microsoft.proxies[1].port};transport=tls"]
+        assert "active calls (rtpengine sessions): 0" in status.stdout
 
 
 def _states(lab: TwoProxies) -> dict[str, str]:
