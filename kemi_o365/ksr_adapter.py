@@ -47,6 +47,7 @@ FAILURE_MICROSOFT = "ksr_failure_microsoft"
 FAILURE_CUCM = "ksr_failure_cucm"
 # Remembered per transaction: a provisional other than 100 came from Microsoft (no failover after).
 PROVISIONAL_AVP = "$avp(kemi_o365_prov)"
+TLS_SNI_XAVP = "$xavp(tls=>server_name)"
 
 # sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
 # parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
@@ -192,7 +193,7 @@ def _relay_to_proxies(tries: int) -> None:
     """Relay to the dispatcher's current Microsoft proxy; when sending fails at once (no TLS
     connection), treat it as the 477 it is and move to the next proxy, at most `tries` times."""
     for _ in range(tries):
-        _ok(KSR.tls.set_connect_server_id(KSR.pv.gete("$dd")), "tls.set_connect_server_id")
+        _tls_target(KSR.pv.gete("$dd"))
         KSR.tm.t_on_failure(FAILURE_MICROSOFT)
         KSR.tm.t_on_reply(ONREPLY_INITIAL)
         if KSR.tm.t_relay() > 0:
@@ -305,7 +306,7 @@ def _next_hop(d: RelayInDialog) -> None:
     if d.encode_contact is not None:
         _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.encode_contact), "contact_param_encode")
     if d.tls_server_id is not None:
-        _ok(KSR.tls.set_connect_server_id(d.tls_server_id), "tls.set_connect_server_id")
+        _tls_target(d.tls_server_id)
     if d.destination:
         _true(KSR.setdsturi(d.destination), "setdsturi")
     if d.advertise is not None:
@@ -352,9 +353,17 @@ def apply_failure(action: FailureAction) -> None:
 
 
 def add_ping_contact(contact: str) -> None:
-    """Our OPTIONS pings carry the SBC's Contact (Microsoft answers 403 without its FQDN)."""
+    """Our OPTIONS pings carry the SBC's Contact (Microsoft answers 403 without its FQDN) and SNI."""
     if KSR.pv.gete("$rm") == "OPTIONS" and KSR.hdr.is_present("Contact") < 0:
         KSR.hdr.append(f"Contact: <{contact}>\r\n")
+        _tls_target(KSR.pv.gete("$rd"))
+
+
+def _tls_target(fqdn: str) -> None:
+    """The TLS client profile for `fqdn` (server_id) and the SNI to send: Kamailio 5.6 takes SNI only
+    from the tls xavp (modparam xavp_cfg), not from the profile's server_name."""
+    _ok(KSR.tls.set_connect_server_id(fqdn), "tls.set_connect_server_id")
+    KSR.pv.sets(TLS_SNI_XAVP, fqdn)
 
 
 def respond_error(code: int, reason: str) -> None:

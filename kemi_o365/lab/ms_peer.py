@@ -83,6 +83,8 @@ class ConnInfo:
     cipher: str | None
     outbound: bool = False
     """True: the peer opened it (requests Microsoft starts); False: the SBC did."""
+    sni: str | None = None
+    """The server name the SBC asked for in its ClientHello (connections the SBC opened)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -1088,7 +1090,13 @@ def _server_context(
     ctx.load_verify_locations(cafile=ca)
     # Optional still asks for (and verifies) a certificate, so the recording shows what the SBC sent.
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    ctx.sni_callback = _remember_sni
     return ctx
+
+
+def _remember_sni(sock: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    # Teams expects SNI = its FQDN (MICROSOFT-NOTES §1.2); keep it for ConnInfo.
+    sock._kemi_sni = server_name  # type: ignore[union-attr]
 
 
 def _client_context(cert: Path, key: Path, ca: Path, ciphers: str) -> ssl.SSLContext:
@@ -1118,4 +1126,5 @@ def _conn_info(tls: ssl.SSLSocket, addr: tuple[str, int], *, outbound: bool = Fa
         tls_version=tls.version(),
         cipher=cipher[0] if cipher else None,
         outbound=outbound,
+        sni=getattr(tls, "_kemi_sni", None),
     )

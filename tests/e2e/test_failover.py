@@ -121,6 +121,11 @@ def test_a_dead_first_proxy_fails_over_to_the_second(tmp_path: Path) -> None:
         took = time.monotonic() - started
         assert result.ok, result.describe()
         assert lab.invites(SECONDARY) == 1
+        invite = next(
+            r for r in lab.peers[SECONDARY].received if r.msg.is_request and r.msg.method == "INVITE"
+        )
+        assert invite.conn.sni == SECONDARY  # the TLS profile follows the proxy failed over to
+        assert invite.msg.ruri.startswith("sip:87000@")  # the Request-URI routing built, kept
         assert wait_rtpengine_empty(lab.policy) == []
     assert took < 12, f"failover took {took:.1f} s"
 

@@ -71,6 +71,7 @@ def test_invite_arrives_over_mutual_tls_with_the_sbc_certificate(lab: Lab, seed_
     assert first.conn.cert_cn == lab.policy.sbc.fqdn
     assert lab.policy.sbc.fqdn in first.conn.san_dns
     assert first.conn.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert first.conn.sni == lab.policy.microsoft.proxies[0].fqdn  # SNI names the Microsoft proxy
     invite = first.msg
     assert invite.get("Via").startswith(f"SIP/2.0/TLS {lab.policy.sbc.fqdn}:{lab.policy.sbc.external.port};")
     rr = invite.get_all("Record-Route")

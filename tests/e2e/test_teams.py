@@ -33,7 +33,7 @@ from kemi_o365.lab.media_call import (
     run_media_call,
 )
 from kemi_o365.lab.ms_peer import Call, MicrosoftPeer, split_name_addrs
-from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, start_sipp
+from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, run_sipp, start_sipp
 from kemi_o365.lab.variants import Variant, variant_scenario
 from kemi_o365.launch import REPO, RunDir, Stack
 from kemi_o365.policy.model import Policy, Profile
@@ -385,3 +385,28 @@ def test_example_teams_policy_passes_policy_check(tmp_path: Path, capsys: pytest
     assert ms["profile"] == "teams-direct-routing" and "to_uri" not in ms
     assert all("address" not in p for p in ms["proxies"])
     assert "REFER" not in ms["allow"]
+
+
+def test_hold_from_cucm_reaches_teams_as_inactive(tmp_path: Path) -> None:
+    """Teams understands hold only as a=inactive, never sendonly or c=0.0.0.0 (MICROSOFT-NOTES §1.5)."""
+    with teams_lab(tmp_path / "lab") as lab:
+        ip = lab.policy.cucm.address
+        assert ip is not None
+        result = run_sipp(
+            SCENARIOS / "hold-resume" / "uac.xml",
+            f"{lab.policy.sbc.internal.address}:{lab.policy.sbc.internal.port}",
+            local_ip=ip,
+            media_ip=ip,
+            workdir=tmp_path / "sipp",
+            timeout_s=15,
+            keys={"hold_ms": "300"},
+        )
+        assert result.ok, result.describe()
+        invites = [r.msg for r in lab.peer.received if r.msg.is_request and r.msg.method == "INVITE"]
+        directions = [
+            ln for inv in invites for ln in inv.sdp_lines if ln.startswith(("a=send", "a=recv", "a=inactive"))
+        ]
+        assert directions == ["a=sendrecv", "a=inactive", "a=sendrecv"]
+        held = invites[1]
+        assert not [ln for ln in held.sdp_lines if ln.startswith("c=") and ln.endswith(" 0.0.0.0")]
+        assert wait_rtpengine_empty(lab.policy) == []
