@@ -147,7 +147,7 @@ def _invite_at_microsoft(peer: MicrosoftPeer) -> tuple[SipMessage, tuple[str, ..
 
 
 def test_cucm_calls_a_teams_user_by_e164_with_media(tmp_path: Path) -> None:
-    replaces = "Replaces: 4b7a1c@10.0.10.21;to-tag=cucm-1;from-tag=94213"
+    replaces = "Replaces: 4b7a1c@192.0.2.21;to-tag=cucm-1;from-tag=94213"
     scenario = cucm_dials(tmp_path / "scenario", TEAMS_USER_EXTENSION, extra_header=replaces)
     with teams_lab(tmp_path / "lab") as lab:
         media = run_media_call(lab.policy, lab.peer, tmp_path / "sipp", plan=PLAN, scenario=scenario)

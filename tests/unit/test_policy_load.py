@@ -170,8 +170,8 @@ BAD_CASES: list[tuple[str, Edits, str]] = [
     ),
     (
         "bad-cidr-in-cucm-sources",
-        [("sources: [127.0.0.1/32]", "sources: [127.0.0.1/32, 10.0.0.0/33]")],
-        "{path}:27: cucm.sources[1]: expected an address or network (CIDR), got '10.0.0.0/33'",
+        [("sources: [127.0.0.1/32]", "sources: [127.0.0.1/32, 192.0.2.0/33]")],
+        "{path}:27: cucm.sources[1]: expected an address or network (CIDR), got '192.0.2.0/33'",
     ),
     (
         "empty-cucm-sources",
@@ -473,7 +473,7 @@ def test_values_are_normalised(tmp_path: Path) -> None:
         [
             ("fqdn: sbc-o365.example.com", "fqdn: SBC-O365.Example.COM"),
             ("transports: [udp, tcp]", "transports: [TCP]"),
-            ("sources: [127.0.0.1/32]", "sources: [10.1.2.3/24, '2001:db8::1']"),
+            ("sources: [127.0.0.1/32]", "sources: [192.0.2.3/24, '2001:db8::1']"),
             ("port_max: 20999", "port_max: 20003"),  # exactly 4 ports: one call, the minimum
         ],
     )
@@ -481,7 +481,7 @@ def test_values_are_normalised(tmp_path: Path) -> None:
     assert policy.sbc.fqdn == "sbc-o365.example.com"
     assert policy.sbc.internal.transports == (Transport.TCP,)
     assert policy.cucm.sources == (
-        ipaddress.ip_network("10.1.2.0/24"),
+        ipaddress.ip_network("192.0.2.0/24"),
         ipaddress.ip_network("2001:db8::1/128"),
     )
     assert policy.rtpengine.port_max == 20003

@@ -431,8 +431,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPki:
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory: pytest.TempPathFactory, pki: LabPki) -> Iterator[Capture]:
     """One real loopback capture: CUCM's INVITEs over UDP and TCP, the SBC's over TLS with a key log."""
-    if shutil.which("tshark") is None:
-        pytest.skip("tshark is not installed")
+    # A missing tshark fails these tests (make test installs it), it never skips them.
+    assert shutil.which("tshark"), "tshark is not installed: run `make test` (it installs it)"
     tmp = tmp_path_factory.mktemp("capture")
     cap = Capture(
         pcap=tmp / "legs.pcapng",

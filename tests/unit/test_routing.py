@@ -198,7 +198,7 @@ CASES = [
     Case("host with suffix", request(ruri_host="pstn-o365.example.com.evil.net"), Respond(404, "Not Found")),
     Case("host with prefix", request(ruri_host="xpstn-o365.example.com"), Respond(404, "Not Found")),
     Case("delayed offer", request(has_sdp=False, sdp=""), DELAYED_OFFER),
-    Case("source outside cucm.sources", request(source_ip="10.1.2.3"), Respond(403, "Forbidden")),
+    Case("source outside cucm.sources", request(source_ip="192.0.2.99"), Respond(403, "Forbidden")),
     Case("unparsable source", request(source_ip="not-an-ip"), Respond(403, "Forbidden")),
     Case("unknown side", request(side=Side.UNKNOWN), Respond(403, "Forbidden")),
     Case(
