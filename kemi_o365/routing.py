@@ -114,7 +114,7 @@ def _request_from_microsoft(req: Request, policy: Policy) -> Decision:
         if not req.has_sdp:
             return Respond(488, "Not Acceptable Here (no SDP offer)")
         sdp = strip_lines(req.sdp, policy.microsoft.strip_answer_prefixes)
-        flags = (*DEFAULT_OFFER_TO_CUCM, "direction=external", "direction=internal")
+        flags = (*_offer_to_cucm(policy), "direction=external", "direction=internal")
         media = Media(MediaAction.OFFER, flag_string(flags), sdp)
         suffix = ";transport=tcp" if cucm.transport is Transport.TCP else ""
         record_route = (
@@ -198,6 +198,11 @@ def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
     return Media(MediaAction.OFFER, flag_string(flags), edited if edited != req.sdp else None)
 
 
+def _offer_to_cucm(policy: Policy) -> tuple[str, ...]:
+    """Microsoft's offer made plain RTP with only CUCM's codecs: small enough for a UDP leg."""
+    return (*DEFAULT_OFFER_TO_CUCM, *codec_flags(policy.cucm.codecs))
+
+
 def _destination(proxy: Proxy) -> str:
     return f"sip:{proxy.address or proxy.fqdn}:{proxy.port};transport=tls"
 
@@ -242,7 +247,7 @@ def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Me
         if toward_microsoft:
             return _offer_to_microsoft(req, policy)
         sdp = strip_lines(req.sdp, ms.strip_answer_prefixes)
-        return Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp)
+        return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
     if req.method is Method.ACK:
         flags = DEFAULT_ANSWER_TO_MICROSOFT if toward_microsoft else ms.answer_flags
         return Media(MediaAction.ANSWER, flag_string(flags))
@@ -295,7 +300,7 @@ def _reply_media(reply: Reply, policy: Policy, late_offer: bool) -> Media:
     if late_offer:
         if from_microsoft:
             sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
-            return Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), sdp)
+            return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
         return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
     if from_microsoft:
         sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)

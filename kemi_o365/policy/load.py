@@ -353,7 +353,9 @@ def _port_range(r: _Reader, m: dict[str, Node], port_min: int, port_max: int) ->
 
 
 def _cucm(r: _Reader, node: Node | None) -> Cucm:
-    m = r.mapping(node, "cucm", {"sources": True, "transport": False, "address": False, "port": False})
+    m = r.mapping(
+        node, "cucm", {"sources": True, "transport": False, "address": False, "port": False, "codecs": False}
+    )
     sources = r.items(m.get("sources"), "cucm.sources", _network)
     if isinstance(m.get("sources"), SequenceNode) and not sources and not m["sources"].value:
         r.problem(m.get("sources"), "cucm.sources", "list at least one CUCM address")
@@ -364,6 +366,7 @@ def _cucm(r: _Reader, node: Node | None) -> Cucm:
         ),
         address=r.field(m.get("address"), "cucm.address", _ip, None),
         port=r.field(m.get("port"), "cucm.port", _port, 5060),
+        codecs=r.items(m.get("codecs"), "cucm.codecs", _codec) or ("PCMU", "PCMA", "telephone-event"),
     )
 
 

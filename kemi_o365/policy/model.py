@@ -98,6 +98,9 @@ class Cucm:
     """Where requests Microsoft starts (Play on Phone, MWI NOTIFY) are sent; None: they get 404."""
     port: int = 5060
     """CUCM's SIP port for those requests."""
+    codecs: tuple[str, ...] = ("PCMU", "PCMA", "telephone-event")
+    """Codecs offered to CUCM (rtpengine strips the rest): Microsoft's offers list SILK, G.722,
+    Opus... and ICE candidates; trimmed, they fit a UDP leg (MICROSOFT-NOTES §1.5)."""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,16 @@ CUCM_SDP = (
     "t=0 0\r\nm=audio 31182 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
 )
 
+
+# Toward CUCM: plain RTP, ICE gone, only CUCM's codecs (cucm.codecs default): fits a UDP leg.
+OFFER_TO_CUCM = (
+    *DEFAULT_OFFER_TO_CUCM,
+    "codec-strip=all",
+    "codec-except=PCMU",
+    "codec-except=PCMA",
+    "codec-except=telephone-event",
+)
+
 # Microsoft's SDP: SRTP, plus the media-level c= line private to its network (seed 000).
 MS_SDP = (
     "v=0\r\no=- 85 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
@@ -234,7 +244,7 @@ CASES = [
             ),
             media=Media(
                 MediaAction.OFFER,
-                flag_string((*DEFAULT_OFFER_TO_CUCM, "direction=external", "direction=internal")),
+                flag_string((*OFFER_TO_CUCM, "direction=external", "direction=internal")),
                 MS_SDP_STRIPPED,
             ),
         ),
@@ -340,7 +350,7 @@ CASES = [
         "re-INVITE from Microsoft",
         in_dialog(Method.INVITE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP),
         RelayInDialog(
-            media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED),
+            media=Media(MediaAction.OFFER, flag_string(OFFER_TO_CUCM), MS_SDP_STRIPPED),
             destination=None,
             advertise=None,
         ),
@@ -349,7 +359,7 @@ CASES = [
         "UPDATE with SDP from Microsoft",
         in_dialog(Method.UPDATE, Side.MICROSOFT, has_sdp=True, sdp=MS_SDP),
         RelayInDialog(
-            Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_CUCM), MS_SDP_STRIPPED),
+            Media(MediaAction.OFFER, flag_string(OFFER_TO_CUCM), MS_SDP_STRIPPED),
             None,
             None,
         ),
@@ -513,7 +523,7 @@ def test_delayed_offer_reinvite_from_cucm_offers_in_the_200_and_answers_in_the_a
     steps = [m for m in (reinvite.media, ok.media, ack.media) if m is not None]
     assert [m.action for m in steps] == [MediaAction.OFFER, MediaAction.ANSWER]
     offer, answer = steps
-    assert offer.flags == flag_string(DEFAULT_OFFER_TO_CUCM)
+    assert offer.flags == flag_string(OFFER_TO_CUCM)
     assert offer.sdp == MS_SDP_STRIPPED
     assert answer.flags == flag_string(DEFAULT_ANSWER_TO_MICROSOFT)
 
