@@ -126,6 +126,8 @@ class FailedBranch:
     """The final status (a local 408 when nothing answered; 477 when sending failed)."""
     provisional_seen: bool
     canceled: bool
+    retry_after: int | None = None
+    """Seconds from the failed answer's Retry-After header (RFC 3261 §20.33), if any."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Failover:
     advertised_host: str
     advertised_port: int
     proxies: int
+    hold_s: int = 0
+    """Skip the failed proxy for this long (its 503's Retry-After); 0: until OPTIONS succeed."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ FAILURE_CUCM = "ksr_failure_cucm"
 # Remembered per transaction: a provisional other than 100 came from Microsoft (no failover after).
 PROVISIONAL_AVP = "$avp(kemi_o365_prov)"
 TLS_SNI_XAVP = "$xavp(tls=>server_name)"
+# Proxies skipped until their Retry-After runs out (htable in kamailio.cfg; key = the proxy's URI).
+HOLD_TABLE = "ms_hold"
 
 # sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
 # parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
@@ -193,6 +195,11 @@ def _relay_to_proxies(tries: int) -> None:
     """Relay to the dispatcher's current Microsoft proxy; when sending fails at once (no TLS
     connection), treat it as the 477 it is and move to the next proxy, at most `tries` times."""
     for _ in range(tries):
+        if KSR.htable.sht_gete(HOLD_TABLE, KSR.pv.gete("$du")):
+            # This proxy asked for a pause (503 + Retry-After): go on to the next.
+            if KSR.dispatcher.ds_next_dst() < 0:
+                break
+            continue
         _tls_target(KSR.pv.gete("$dd"))
         KSR.tm.t_on_failure(FAILURE_MICROSOFT)
         KSR.tm.t_on_reply(ONREPLY_INITIAL)
@@ -328,10 +335,12 @@ def apply_reply(action: ReplyAction) -> None:
 
 
 def read_failed_branch() -> FailedBranch:
+    retry = KSR.pv.gete("$T_rpl($hdr(Retry-After))").strip().split(" ", 1)[0]
     return FailedBranch(
         status=int(KSR.pv.geti("$T_reply_code")),
         provisional_seen=KSR.pv.geti(PROVISIONAL_AVP) > 0,
         canceled=KSR.tm.t_is_canceled() > 0,
+        retry_after=int(retry) if retry.isdigit() else None,
     )
 
 
@@ -340,6 +349,8 @@ def apply_failure(action: FailureAction) -> None:
         case Failover():
             # The failed proxy goes inactive; the dispatcher's OPTIONS bring it back when it answers.
             KSR.dispatcher.ds_mark_dst_state("ip")
+            if action.hold_s > 0:
+                KSR.htable.sht_setxi(HOLD_TABLE, KSR.pv.gete("$du"), 1, action.hold_s)
             if KSR.dispatcher.ds_next_dst() > 0:
                 _ok(KSR.corex.set_send_socket(action.send_socket), "set_send_socket")
                 _advertise((action.advertised_host, action.advertised_port))

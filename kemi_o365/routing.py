@@ -288,8 +288,10 @@ def on_failure(branch: FailedBranch, policy: Policy, *, toward_microsoft: bool) 
         and branch.status in FAILOVER_CODES
     ):
         ext = policy.sbc.external
+        # MICROSOFT-NOTES §1.5: a 503 with Retry-After means "not this datacentre, for that long".
+        hold = branch.retry_after if branch.status == 503 and branch.retry_after else 0
         return Failover(
-            f"tls:{ext.address}:{ext.port}", policy.sbc.fqdn, ext.port, len(policy.microsoft.proxies)
+            f"tls:{ext.address}:{ext.port}", policy.sbc.fqdn, ext.port, len(policy.microsoft.proxies), hold
         )
     return GiveUp(DELETE)
 

@@ -212,6 +212,9 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
         ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
         ("set_advertised_address", (SBC_FQDN,)),
         ("set_advertised_port", ("5061",)),
+        # Not paused by an earlier 503 + Retry-After (the htable has no entry for it).
+        ("pv.gete", ("$du",)),
+        ("htable.sht_gete", ("ms_hold", "")),
         ("pv.gete", ("$dd",)),
         ("tls.set_connect_server_id", (MS_FQDN,)),
         ("pv.sets", ("$xavp(tls=>server_name)", MS_FQDN)),
@@ -386,6 +389,7 @@ def test_failure_route_fails_over_or_releases_media(
             ("corex.set_send_socket", ("tls:127.0.0.2:5061",)),
             ("set_advertised_address", (SBC_FQDN,)),
             ("set_advertised_port", ("5061",)),
+            ("htable.sht_gete", ("ms_hold", "")),
             ("tls.set_connect_server_id", ("sip2.example.net",)),
             ("pv.sets", ("$xavp(tls=>server_name)", "sip2.example.net")),
             ("tm.t_on_failure", ("ksr_failure_microsoft",)),
@@ -731,3 +735,18 @@ def test_microsoft_in_dialog_request_uri_is_restored_before_loose_route(
     # Decoding first: a Request-URI naming the SBC would send loose_route down its strict-router path.
     assert names.index("siputils.contact_param_decode_ruri") < names.index("rr.loose_route")
     assert ("siputils.contact_param_decode_ruri", ("kemi",)) in ksr.calls
+
+
+def test_a_paused_proxy_is_skipped_and_the_pause_is_recorded(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    ksr.vars.update(
+        {
+            "$T_reply_code": 503,
+            "$T_rpl($hdr(Retry-After))": "30 (maintenance)",
+            "$du": "sip:sip.example.net:5061;transport=tls",
+            "$dd": "sip2.example.net",
+        }
+    )
+    ksr.returns["tm.t_is_canceled"] = -1
+    assert handler.ksr_failure_microsoft(None) == 1
+    # RFC 3261 §20.33: Retry-After seconds (a comment may follow) pause the proxy that sent it.
+    assert ("htable.sht_setxi", ("ms_hold", "sip:sip.example.net:5061;transport=tls", 1, 30)) in ksr.calls

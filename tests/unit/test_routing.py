@@ -607,3 +607,13 @@ def test_failover_follows_microsofts_rules(
     action = routing.on_failure(branch, policy, toward_microsoft=toward_microsoft)
     expected = Failover("tls:127.0.0.2:5061", SBC_FQDN, 5061, 1) if fails_over else GiveUp(DELETE)
     assert action == expected
+
+
+@pytest.mark.parametrize(("status", "retry_after", "hold"), [(503, 30, 30), (503, None, 0), (504, 30, 0)])
+def test_retry_after_on_503_pauses_that_proxy(
+    policy: Policy, status: int, retry_after: int | None, hold: int
+) -> None:
+    branch = FailedBranch(status, provisional_seen=False, canceled=False, retry_after=retry_after)
+    action = routing.on_failure(branch, policy, toward_microsoft=True)
+    assert isinstance(action, Failover)
+    assert action.hold_s == hold
