@@ -113,7 +113,7 @@ def _request_from_microsoft(req: Request, policy: Policy) -> Decision:
     else:
         if not req.has_sdp:
             return Respond(488, "Not Acceptable Here (no SDP offer)")
-        sdp = strip_lines(req.sdp, policy.microsoft.strip_answer_prefixes)
+        sdp = _toward_cucm(req.sdp, policy)
         flags = (*_offer_to_cucm(policy), "direction=external", "direction=internal")
         media = Media(MediaAction.OFFER, flag_string(flags), sdp)
         suffix = ";transport=tcp" if cucm.transport is Transport.TCP else ""
@@ -198,6 +198,16 @@ def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
     return Media(MediaAction.OFFER, flag_string(flags), edited if edited != req.sdp else None)
 
 
+# Lines Microsoft's media stack adds that CUCM neither needs nor understands; with ICE and extra
+# codecs gone they are what keeps a Teams offer above RFC 3261 §18.1.1's 1300 bytes on UDP.
+MICROSOFT_ONLY_PREFIXES = ("b=CT:", "a=x-", "a=label:", "a=rtcp-fb:", "a=rtcp-rsize")
+
+
+def _toward_cucm(sdp: str, policy: Policy) -> str:
+    """Microsoft's SDP as rtpengine should see it: its private c= lines and its own extensions gone."""
+    return strip_lines(sdp, (*MICROSOFT_ONLY_PREFIXES, *policy.microsoft.strip_answer_prefixes))
+
+
 def _offer_to_cucm(policy: Policy) -> tuple[str, ...]:
     """Microsoft's offer made plain RTP with only CUCM's codecs: small enough for a UDP leg."""
     return (*DEFAULT_OFFER_TO_CUCM, *codec_flags(policy.cucm.codecs))
@@ -246,7 +256,7 @@ def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Me
     if req.method is Method.INVITE or req.method is Method.UPDATE:
         if toward_microsoft:
             return _offer_to_microsoft(req, policy)
-        sdp = strip_lines(req.sdp, ms.strip_answer_prefixes)
+        sdp = _toward_cucm(req.sdp, policy)
         return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
     if req.method is Method.ACK:
         flags = DEFAULT_ANSWER_TO_MICROSOFT if toward_microsoft else ms.answer_flags
@@ -301,10 +311,10 @@ def _reply_media(reply: Reply, policy: Policy, late_offer: bool) -> Media:
     from_microsoft = reply.side is Side.MICROSOFT
     if late_offer:
         if from_microsoft:
-            sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
+            sdp = _toward_cucm(reply.sdp, policy)
             return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
         return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
     if from_microsoft:
-        sdp = strip_lines(reply.sdp, ms.strip_answer_prefixes)
+        sdp = _toward_cucm(reply.sdp, policy)
         return Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp)
     return Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT))

@@ -454,6 +454,7 @@ class MicrosoftPeer:
         timeout: float = 5.0,
         user_phone: bool | None = None,
         on_answered: Callable[[Call, SipMessage], None] | None = None,
+        sdp: str | None = None,
     ) -> PeerCall:
         """A new SRTP call to `to_user` behind the SBC, over a new connection: Exchange UM's Play on
         Phone, or (Teams profile) a Teams user calling a number behind the SBC.
@@ -466,6 +467,9 @@ class MicrosoftPeer:
         Waits for the final response (provisionals allowed before), ACKs a 2xx, calls `on_answered`
         (the call, the 2xx) once the ACK is out, e.g. to start media, and with `hangup` sends BYE
         `hold_s` after that unless the SBC hung up first. `timeout` bounds each transaction.
+
+        `sdp`, when given, is sent verbatim as the offer instead of our own (e.g. a large Teams offer
+        with ICE candidates and many codecs); the peer still opens its media socket as usual.
         """
         link = self._connect(target, sbc_fqdn)
         call_id = f"{secrets.token_hex(12)}@{self.contact_host}"
@@ -504,7 +508,7 @@ class MicrosoftPeer:
             outbound=True,
         )
         self._open_media(call)
-        req.body = self._answer_sdp(call, private_c=False)
+        req.body = self._answer_sdp(call, private_c=False) if sdp is None else sdp
         with self._cond:
             self.calls[call_id] = call
         final, provisional = self._transact(link, req, timeout)

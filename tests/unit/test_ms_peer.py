@@ -977,6 +977,23 @@ def test_play_on_phone_call(
     assert call.media_sock is None
 
 
+def test_play_on_phone_call_with_a_given_offer(
+    peer: MicrosoftPeer, sbc_listener: Callable[[Responder], FakeSbcListener]
+) -> None:
+    sbc = sbc_listener(sbc_answers())
+    offer = "v=0\r\no=- 0 0 IN IP4 127.0.0.3\r\ns=session\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
+    offer += "m=audio 40000 RTP/SAVP 104 0 101\r\na=ice-ufrag:Ab3x\r\na=rtpmap:104 SILK/16000\r\n"
+    result = peer.call(sbc.address, to_user="10048", sbc_fqdn=SBC_FQDN, hold_s=0, sdp=offer)
+    assert result.final.status == 200
+    _, inv = sbc.wait(is_req("INVITE"))
+    assert inv.body == offer
+    assert inv.get("Content-Type") == "application/sdp"
+    sent = [s for s in peer.sent if s.msg.is_request and s.msg.method == "INVITE"]
+    assert sent[-1].raw.endswith(offer.encode())
+    sbc.wait(is_req("BYE"))
+    assert peer.calls[result.call_id].state == "ended"
+
+
 def test_play_on_phone_rejected(
     peer: MicrosoftPeer, sbc_listener: Callable[[Responder], FakeSbcListener]
 ) -> None:

@@ -617,3 +617,13 @@ def test_retry_after_on_503_pauses_that_proxy(
     action = routing.on_failure(branch, policy, toward_microsoft=True)
     assert isinstance(action, Failover)
     assert action.hold_s == hold
+
+
+def test_microsofts_own_sdp_extensions_do_not_reach_cucm(policy: Policy) -> None:
+    extras = (
+        "b=CT:10000000\r\na=x-ssrc-range:1-2\r\na=label:main-audio\r\n"
+        "a=rtcp-fb:* x-message app\r\na=rtcp-rsize\r\n"
+    )
+    out = routing.decide(from_microsoft(sdp=MS_SDP + extras), policy)
+    assert isinstance(out, RelayToCucm) and out.media is not None and out.media.sdp is not None
+    assert out.media.sdp == MS_SDP_STRIPPED
