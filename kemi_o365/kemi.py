@@ -54,6 +54,11 @@ class Kamailio:
     def ksr_failure_cucm(self, msg: object) -> int:
         return self._guarded("failure", lambda: self._failure(toward_microsoft=False))
 
+    def ksr_crlf_keepalive(self, msg: object, evname: str = "") -> int:
+        return self._guarded(
+            "keep-alive", lambda: adapter.send_keepalives(routing.keepalive_targets(self.policy))
+        )
+
     def ksr_tm_event(self, msg: object, evname: str) -> int:
         if evname == "tm:local-request":
             self._guarded("tm event", lambda: adapter.add_ping_contact(routing.sbc_contact(self.policy)))

@@ -363,6 +363,14 @@ def apply_failure(action: FailureAction) -> None:
             assert_never(action)
 
 
+def send_keepalives(targets: tuple[tuple[str, str], ...]) -> None:
+    """A double CRLF (RFC 5626 §3.5.1) to each proxy, on the SBC's own connection (opened if needed)."""
+    for uri, fqdn in targets:
+        _tls_target(fqdn)
+        if KSR.corex.send_data(uri, "\r\n\r\n") < 0:
+            KSR.warn(f"kemi-o365: CRLF keep-alive to {uri} could not be sent\n")
+
+
 def add_ping_contact(contact: str) -> None:
     """Our OPTIONS pings carry the SBC's Contact (Microsoft answers 403 without its FQDN) and SNI."""
     if KSR.pv.gete("$rm") == "OPTIONS" and KSR.hdr.is_present("Contact") < 0:

@@ -144,6 +144,7 @@ def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
         "DS_LIST": _quoted(run.dispatcher_list),
         "DS_PING_FROM": _quoted(f"sip:{sbc.fqdn}"),
         "OPTIONS_INTERVAL": str(policy.microsoft.options_interval),
+        "KEEPALIVE_TIMER": _quoted(f"name=crlf;interval={policy.microsoft.keepalive_interval};mode=1;"),
     }
     argv = [KAMAILIO_BIN, "-f", str(KAMAILIO_DIR / "kamailio.cfg"), "-DD", "-E", "-Y", str(run.root)]
     if Transport.UDP in sbc.internal.transports:

@@ -285,6 +285,11 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = 
     return ReplyAction(media, contact, provisional)
 
 
+def keepalive_targets(policy: Policy) -> tuple[tuple[str, str], ...]:
+    """(URI, FQDN) of each Microsoft proxy the SBC keeps its TLS connection to alive with CRLFs."""
+    return tuple((f"sip:{p.fqdn}:{p.port};transport=tls", p.fqdn) for p in policy.microsoft.proxies)
+
+
 def on_failure(branch: FailedBranch, policy: Policy, *, toward_microsoft: bool) -> FailureAction:
     """After a relayed INVITE failed: try the next Microsoft proxy, or give up.
 

@@ -141,13 +141,16 @@ class StreamReader:
 
     def __init__(self) -> None:
         self._buf = b""
+        self.keepalives = 0
+        """Double-CRLF keep-alive pings seen between messages (RFC 5626 §3.5.1)."""
 
     def feed(self, data: bytes) -> list[SipMessage]:
         self._buf += data
         out: list[SipMessage] = []
         while True:
-            # Keep-alive CRLFs between messages (RFC 5626 §3.5.1) carry nothing.
+            # Keep-alive CRLFs between messages (RFC 5626 §3.5.1) carry nothing; count the pings.
             stripped = self._buf.lstrip(b"\r\n")
+            self.keepalives += (len(self._buf) - len(stripped)) // 4
             self._buf = stripped
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:

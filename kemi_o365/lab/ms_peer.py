@@ -153,6 +153,10 @@ class _Framer:
         self._reader = StreamReader()
         self._raw = b""
 
+    @property
+    def keepalives(self) -> int:
+        return self._reader.keepalives
+
     def feed(self, data: bytes) -> list[tuple[SipMessage, bytes]]:
         msgs = self._reader.feed(data)
         self._raw += data
@@ -321,6 +325,11 @@ class MicrosoftPeer:
     @property
     def _teams(self) -> bool:
         return self.profile is Profile.TEAMS_DIRECT_ROUTING
+
+    def keepalives(self) -> int:
+        """Double-CRLF keep-alives received so far, on every connection (RFC 5626 §3.5.1)."""
+        with self._cond:
+            return sum(link.framer.keepalives for link in self._links)
 
     def wait_for(
         self, predicate: Callable[[Received], bool], timeout: float = 5.0, *, start: int = 0

@@ -408,6 +408,7 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         "codecs": False,
         "hold": False,
         "options_interval": False,
+        "keepalive_interval": False,
     }
     m = r.mapping(node, "microsoft", keys)
     match = r.mapping(m.get("match"), "microsoft.match", {"request_uri_host": True})
@@ -436,6 +437,9 @@ def _microsoft(r: _Reader, node: Node | None) -> Microsoft:
         hold=r.field(m.get("hold"), "microsoft.hold", _hold_mode, "passthrough"),
         options_interval=r.field(
             m.get("options_interval"), "microsoft.options_interval", lambda n: _integer(n, 1, 300), 60
+        ),
+        keepalive_interval=r.field(
+            m.get("keepalive_interval"), "microsoft.keepalive_interval", lambda n: _integer(n, 1, 119), 30
         ),
     )
 

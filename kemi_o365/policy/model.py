@@ -157,6 +157,8 @@ class Microsoft:
     numbers: Numbers = Numbers()
     x_ms_sbc: str | None = None
     """Value of the X-MS-SBC header toward Microsoft ("Vendor/Model/Version"); None: not sent."""
+    keepalive_interval: int = 30
+    """Seconds between CRLF keep-alives on the SBC's TLS connections to Microsoft (idle timeout 2 min)."""
     options_interval: int = 60
     """Seconds between OPTIONS pings to each proxy (Microsoft demotes a trunk silent for 5 minutes)."""
     codecs: tuple[str, ...] = ()

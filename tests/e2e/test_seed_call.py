@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import re
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,7 @@ from kemi_o365 import rtpengine_ng
 from kemi_o365.lab.demo import SCENARIOS, CallOutcome, place_seed_call, wait_rtpengine_empty
 from kemi_o365.lab.sipp import start_sipp
 from kemi_o365.sipmsg import SipMessage, header_param, uri_host, uri_of
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import Lab, lab_policy_data, running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -145,3 +147,17 @@ def test_cancel_before_answer_releases_media(lab: Lab) -> None:
     assert (200, "CANCEL") in statuses and (487, "INVITE") in statuses
     assert any(r.msg.is_request and r.msg.method == "CANCEL" for r in lab.peer.received)
     assert wait_rtpengine_empty(lab.policy) == []
+
+
+def test_crlf_keepalives_keep_the_connection_to_microsoft_busy(tmp_path: Path) -> None:
+    """Microsoft drops a TLS connection idle for 2 minutes (MICROSOFT-NOTES 1.6); the SBC sends
+    double-CRLF keep-alives on its own connection every microsoft.keepalive_interval seconds."""
+    data = lab_policy_data()
+    data["microsoft"]["keepalive_interval"] = 1
+    with running_lab(tmp_path, data) as lab:
+        outcome = place_seed_call(lab.policy, lab.peer, lab.root / "sipp")
+        assert outcome.sipp.ok
+        before = lab.peer.keepalives()
+        time.sleep(3.2)
+        after = lab.peer.keepalives()
+    assert after - before >= 2, (before, after)
