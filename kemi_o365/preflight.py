@@ -461,8 +461,30 @@ def check_policy_files(
             )
         out += _key_findings(leaf, tls.private_key, key_file)
         out += _chain_findings(chain, tls.ca, ca_file, now)
+    if profile is Profile.TEAMS_DIRECT_ROUTING:
+        out += _microsoft_roots_findings(tls.ca, ca_file)
     out += _tls_version_findings(policy)
     return out
+
+
+# Microsoft's SIP certificates chain to one of these; the trust store must hold both (MICROSOFT-NOTES
+# §1.2: the move from Baltimore to DigiCert Global Root G2, "do not remove the old one").
+MICROSOFT_ROOTS = ("DigiCert Global Root G2", "Baltimore CyberTrust Root")
+
+
+def _microsoft_roots_findings(ca_path: Path, ca_file: str) -> list[PolicyFinding]:
+    try:
+        names = {_subject(cert) for cert in _pem_certs(ca_path)}
+    except (OSError, ValueError):
+        return []  # the chain check has reported an unreadable CA file already
+    missing = [root for root in MICROSOFT_ROOTS if not any(root in name for name in names)]
+    if not missing:
+        return []
+    message = (
+        f"the CA bundle lacks {', '.join(missing)}: the SBC could not verify Microsoft's SIP certificates "
+        "(keep both roots, MICROSOFT-NOTES §1.2)"
+    )
+    return [PolicyFinding("warning", ca_file, "sbc.tls.ca", message)]
 
 
 def _why(exc: Exception) -> str:

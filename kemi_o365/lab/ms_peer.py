@@ -236,6 +236,8 @@ class MicrosoftPeer:
         # Microsoft puts the name its certificate carries in Contact; without one, the bind address.
         self.contact_host = contact_host or _cert_file_cn(Path(cert)) or host
         self.answer_code: tuple[int, str] = (200, "OK")
+        self.answer_headers: list[tuple[str, str]] = []
+        """Extra headers on a failure answer, e.g. ("Retry-After", "30") with a 503."""
         self.answer_delay = 0.0  # > 0: send 180 and answer later, leaving room for a CANCEL
         # Teams answering mode (MICROSOFT-NOTES §1.5); with answer_delay, the 200 comes that much later.
         self.teams_ringing = teams_ringing  # 180s before the answer, each with a different To-tag
@@ -824,7 +826,9 @@ class MicrosoftPeer:
         if not 200 <= code < 300:
             call.state = "rejected"
             call.close_media()  # opened for a 183's early media
-            self._send(link, self._response(link, call.invite, code, reason, tag=call.local_tag))
+            response = self._response(link, call.invite, code, reason, tag=call.local_tag)
+            response.headers += self.answer_headers
+            self._send(link, response)
             return
         if call.media_sock is None:  # a 183 already opened it: the 200 repeats the 183's answer
             self._open_media(call)

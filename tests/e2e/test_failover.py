@@ -202,3 +202,17 @@ def _states(lab: TwoProxies) -> dict[str, str]:
     """Each proxy's dispatcher flags (A active, I inactive; P probing), from Kamailio's RPC."""
     targets = rpc.call(lab.stack.run.rpc_sock, "dispatcher.list")["RECORDS"][0]["SET"]["TARGETS"]
     return {t["DEST"]["URI"].split(":")[1]: t["DEST"]["FLAGS"] for t in targets}
+
+
+def test_retry_after_keeps_the_calls_away_from_that_proxy(tmp_path: Path) -> None:
+    with two_proxies(tmp_path) as lab:
+        primary = lab.peers[PRIMARY]
+        primary.answer_code = (503, "Service Unavailable")
+        primary.answer_headers = [("Retry-After", "60")]
+        assert lab.call().ok  # failed over to the secondary
+        primary.answer_code = (200, "OK")  # healthy again, and answering OPTIONS all along
+        time.sleep(2.5)  # OPTIONS every second mark it active again...
+        assert _states(lab)[PRIMARY].startswith("A")
+        assert lab.call().ok
+        # ... but it asked for 60 s: the second call still goes to the secondary.
+        assert (lab.invites(PRIMARY), lab.invites(SECONDARY)) == (1, 2)

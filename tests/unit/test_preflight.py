@@ -668,7 +668,14 @@ def lab_ca(pki: LabPki) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
 
 
 def findings(policy: Policy, profile: Profile | None = None) -> list[tuple[str, str, str]]:
-    return [(f.severity, f.key, f.message) for f in check_policy_files(policy, now=NOW, profile=profile)]
+    """What check_policy_files finds, less the Teams trust-store warning the lab CA always earns
+    (it holds no Microsoft root; test_teams_trust_store_needs_both_microsoft_roots covers it)."""
+    found = check_policy_files(policy, now=NOW, profile=profile)
+    return [(f.severity, f.key, f.message) for f in found if not _roots_warning(f)]
+
+
+def _roots_warning(f: PolicyFinding) -> bool:
+    return f.key == "sbc.tls.ca" and "DigiCert Global Root G2" in f.message
 
 
 def only(found: list[tuple[str, str, str]], severity: str, key: str, *words: str) -> None:
@@ -681,8 +688,27 @@ def only(found: list[tuple[str, str, str]], severity: str, key: str, *words: str
 @pytest.mark.parametrize("profile", ["exchange-um", "teams-direct-routing"])
 def test_good_lab_certificate_has_no_findings(tmp_path: Path, pki: LabPki, profile: str) -> None:
     policy = policy_with(tmp_path, pki, profile=profile)
-    assert check_policy_files(policy, now=NOW) == []
+    assert findings(policy) == []
     assert policy_errors(policy) == []
+
+
+def test_teams_trust_store_needs_both_microsoft_roots(tmp_path: Path, pki: LabPki) -> None:
+    policy = policy_with(tmp_path, pki, profile="teams-direct-routing")
+    (warning,) = [f for f in check_policy_files(policy, now=NOW) if f.key == "sbc.tls.ca"]
+    assert warning.severity == "warning"
+    assert "lacks DigiCert Global Root G2, Baltimore CyberTrust Root" in warning.message
+    # A bundle with both roots (stand-ins named as Microsoft's) next to the lab CA is complete.
+    year = dt.timedelta(days=365)
+    roots = [
+        sign(tmp_path, stem, None, not_before=NOW - year, not_after=NOW + year, ca=True, cn=cn)[0]
+        for stem, cn in (("g2", "DigiCert Global Root G2"), ("baltimore", "Baltimore CyberTrust Root"))
+    ]
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca_cert.read_bytes() + b"".join(r.read_bytes() for r in roots))
+    complete = policy_with(tmp_path, pki, ca=bundle, profile="teams-direct-routing")
+    assert [f for f in check_policy_files(complete, now=NOW) if f.key == "sbc.tls.ca"] == []
+    # Exchange UM never talked to those roots: no such warning there.
+    assert [f for f in check_policy_files(policy_with(tmp_path, pki), now=NOW) if f.key == "sbc.tls.ca"] == []
 
 
 def test_wildcard_under_exchange_um_is_403_error_but_fine_for_teams(tmp_path: Path, pki: LabPki) -> None:
@@ -888,7 +914,8 @@ def test_cli_policy_good_and_bad(tmp_path: Path, pki: LabPki) -> None:
     # Teams accepts the wildcard but not the missing EKU; --profile applies to the policy checks too.
     code, out, _ = run_cli(["--policy", str(bad), "--profile", "teams-direct-routing"])
     assert code == 1
-    assert out.splitlines()[-1] == "preflight FAILED: policy files: 1 error, 0 warnings"
+    # Teams: the lab CA bundle also lacks Microsoft's two roots (a warning).
+    assert out.splitlines()[-1] == "preflight FAILED: policy files: 1 error, 1 warning"
 
 
 def test_cli_traffic_and_policy_together(tmp_path: Path, pki: LabPki) -> None:
@@ -899,7 +926,7 @@ def test_cli_traffic_and_policy_together(tmp_path: Path, pki: LabPki) -> None:
     assert "  FAIL contact-is-paired-sbc-fqdn (403 Forbidden): " in out
     assert out.splitlines()[-1] == (
         "preflight FAILED: 1 INVITE checked against teams-direct-routing rules: 1 would be refused "
-        "(1 rule failure); policy files: 0 errors, 0 warnings"
+        "(1 rule failure); policy files: 0 errors, 1 warning"
     )
 
 
