@@ -135,6 +135,11 @@ def place_seed_call(
         timeout_s=20,
         workdir=workdir,
     )
+    return call_outcome(policy, peer, result, before)
+
+
+def call_outcome(policy: Policy, peer: MicrosoftPeer, result: SippResult, before: int) -> CallOutcome:
+    """What both sides saw of the call SIPp just made (peer messages from index `before` on)."""
     left = wait_rtpengine_empty(policy)
     received = peer.received[before:]
     outcome = CallOutcome(

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kemi_o365.lab.demo import SCENARIOS, CallOutcome, cucm_address, verdict_problems, wait_rtpengine_empty
+from kemi_o365.lab.demo import SCENARIOS, CallOutcome, call_outcome, cucm_address
 from kemi_o365.lab.media import MediaEndpoint, StreamReport, direction_problems, format_report
 from kemi_o365.lab.ms_peer import Call, MicrosoftPeer
 from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, start_sipp
@@ -89,7 +89,7 @@ def crypto_key(msg: SipMessage) -> str:
     return line.split("inline:", 1)[1].split()[0].split("|")[0]
 
 
-def _nat(policy: Policy, addr: tuple[str, int]) -> tuple[str, int]:
+def nat(policy: Policy, addr: tuple[str, int]) -> tuple[str, int]:
     external = policy.sbc.external
     if external.advertised_address and addr[0] == external.advertised_address:
         return external.address, addr[1]
@@ -112,6 +112,46 @@ def _answered_call(peer: MicrosoftPeer, call_id: str, timeout: float) -> Call:
             return call
         time.sleep(0.01)
     raise RuntimeError(f"the Microsoft peer opened no media for {call_id}")
+
+
+def talk_both_ways(
+    policy: Policy,
+    plan: MediaPlan,
+    cucm: MediaEndpoint,
+    call: Call,
+    *,
+    cucm_sends_to: tuple[tuple[str, int], tuple[str, int]],
+    microsoft_sdp: SipMessage,
+) -> tuple[StreamReport, StreamReport]:
+    """CUCM's RTP and Microsoft's SRTP for `plan.talk_s`, both ways; (CUCM's, Microsoft's) reports.
+
+    `microsoft_sdp` is the SBC's SDP Microsoft's peer received (its address and the key to decrypt).
+    """
+    assert call.media_sock is not None
+    ms_rtp, ms_rtcp = media_target(microsoft_sdp)
+    with MediaEndpoint.adopt(call.media_sock) as microsoft:
+        microsoft.start(
+            nat(policy, ms_rtp),
+            nat(policy, ms_rtcp),
+            send_key=call.srtp_key,
+            recv_key=crypto_key(microsoft_sdp),
+            tone_hz=MICROSOFT_TONE_HZ,
+            duration_s=plan.talk_s,
+            dtmf=plan.microsoft_dtmf,
+        )
+        cucm.start(
+            *cucm_sends_to,
+            send_key=None,
+            recv_key=None,
+            tone_hz=CUCM_TONE_HZ,
+            duration_s=plan.talk_s,
+            dtmf=plan.cucm_dtmf,
+        )
+        cucm.wait_sent(plan.talk_s + 5)
+        microsoft.wait_sent(plan.talk_s + 5)
+        time.sleep(0.2)  # the last packets are still in rtpengine
+        ms_report = microsoft.report()
+    return cucm.report(), ms_report
 
 
 def run_media_call(
@@ -147,45 +187,11 @@ def run_media_call(
         call = _answered_call(peer, call_id, timeout=5)
         assert call.media_sock is not None
         rtp_to, rtcp_to = media_target(answer)
-        ms_rtp, ms_rtcp = media_target(invite)
-        with MediaEndpoint.adopt(call.media_sock) as microsoft:
-            microsoft.start(
-                _nat(policy, ms_rtp),
-                _nat(policy, ms_rtcp),
-                send_key=call.srtp_key,
-                recv_key=crypto_key(invite),
-                tone_hz=MICROSOFT_TONE_HZ,
-                duration_s=plan.talk_s,
-                dtmf=plan.microsoft_dtmf,
-            )
-            cucm.start(
-                rtp_to,
-                rtcp_to,
-                send_key=None,
-                recv_key=None,
-                tone_hz=CUCM_TONE_HZ,
-                duration_s=plan.talk_s,
-                dtmf=plan.cucm_dtmf,
-            )
-            cucm.wait_sent(plan.talk_s + 5)
-            microsoft.wait_sent(plan.talk_s + 5)
-            time.sleep(0.2)  # the last packets are still in rtpengine
-            ms_report = microsoft.report()
-        cucm_report = cucm.report()
+        cucm_report, ms_report = talk_both_ways(
+            policy, plan, cucm, call, cucm_sends_to=(rtp_to, rtcp_to), microsoft_sdp=invite
+        )
         result = sipp.wait(20 + 4 * hold_ms / 1000)
-    left = wait_rtpengine_empty(policy)
-    received = peer.received[before:]
-    outcome = CallOutcome(
-        policy=policy,
-        sipp=result,
-        at_microsoft=[(r.wall, r.msg) for r in received],
-        from_microsoft=[
-            (s.wall, s.msg) for s in peer.sent if s.wall >= (received[0].wall if received else 0)
-        ],
-        rtpengine_left=left,
-        tls_client_cn=received[0].conn.cert_cn if received else None,
-    )
-    outcome.problems = verdict_problems(outcome)
+    outcome = call_outcome(policy, peer, result, before)
     problems = list(outcome.problems)
     problems += _prefixed(
         "CUCM -> Microsoft",

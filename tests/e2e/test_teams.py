@@ -28,15 +28,15 @@ from kemi_o365.lab.media_call import (
     CUCM_TONE_HZ,
     MICROSOFT_TONE_HZ,
     MediaPlan,
-    crypto_key,
     media_target,
     run_media_call,
+    talk_both_ways,
 )
 from kemi_o365.lab.ms_peer import Call, MicrosoftPeer, split_name_addrs
 from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, run_sipp, start_sipp
 from kemi_o365.lab.variants import Variant, variant_scenario
 from kemi_o365.launch import REPO, RunDir, Stack
-from kemi_o365.policy.model import Policy, Profile
+from kemi_o365.policy.model import Profile
 from kemi_o365.rules import InviteView, evaluate
 from kemi_o365.sipmsg import SipMessage, header_param, uri_host, uri_of
 from tests.e2e.conftest import Lab, lab_policy_data, start_lab
@@ -208,15 +208,6 @@ def _received_at_cucm(sipp: SippProcess, method: str, timeout: float) -> SipMess
     raise TimeoutError(f"no {method} at CUCM within {timeout:g}s")
 
 
-def _nat(policy: Policy, addr: tuple[str, int]) -> tuple[str, int]:
-    """The site's NAT: the SBC's advertised public address is its external listener (never sent to)."""
-    external = policy.sbc.external
-    if external.advertised_address and addr[0] == external.advertised_address:
-        return external.address, addr[1]
-    assert addr[0].startswith("127."), f"media target {addr} is not on loopback"
-    return addr
-
-
 def test_teams_user_calls_a_cucm_did_with_media(tmp_path: Path) -> None:
     with teams_lab(tmp_path / "lab") as lab:
         cucm = lab.policy.cucm
@@ -242,33 +233,9 @@ def test_teams_user_calls_a_cucm_did_with_media(tmp_path: Path) -> None:
                 """Once the call is up: CUCM's RTP and Microsoft's SRTP, both ways, through rtpengine."""
                 invite = _received_at_cucm(sipp, "INVITE", timeout=5)
                 at_cucm.append(invite)
-                assert call.media_sock is not None
-                cucm_rtp, cucm_rtcp = media_target(invite)
-                ms_rtp, ms_rtcp = media_target(ok)
-                with MediaEndpoint.adopt(call.media_sock) as microsoft:
-                    microsoft.start(
-                        _nat(lab.policy, ms_rtp),
-                        _nat(lab.policy, ms_rtcp),
-                        send_key=call.srtp_key,
-                        recv_key=crypto_key(ok),
-                        tone_hz=MICROSOFT_TONE_HZ,
-                        duration_s=PLAN.talk_s,
-                        dtmf=PLAN.microsoft_dtmf,
-                    )
-                    cucm_media.start(
-                        cucm_rtp,
-                        cucm_rtcp,
-                        send_key=None,
-                        recv_key=None,
-                        tone_hz=CUCM_TONE_HZ,
-                        duration_s=PLAN.talk_s,
-                        dtmf=PLAN.cucm_dtmf,
-                    )
-                    cucm_media.wait_sent(PLAN.talk_s + 5)
-                    microsoft.wait_sent(PLAN.talk_s + 5)
-                    time.sleep(0.2)  # the last packets are still in rtpengine
-                    reports["microsoft"] = microsoft.report()
-                reports["cucm"] = cucm_media.report()
+                reports["cucm"], reports["microsoft"] = talk_both_ways(
+                    lab.policy, PLAN, cucm_media, call, cucm_sends_to=media_target(invite), microsoft_sdp=ok
+                )
 
             outcome = lab.peer.call(
                 lab.microsoft_listener,
