@@ -235,15 +235,25 @@ def apply(decision: Decision) -> None:
             assert_never(decision)
 
 
-def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
+def _new_request_with_media(media: Media | None) -> bool:
+    """The steps every relayed request starts with; False when tm already handles it (retransmission).
+
+    A media step rtpengine refuses answers 503 here and re-raises, so nothing is relayed."""
     if _retransmission():
-        return
+        return False
     _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
-    try:
-        run_media(d.media)
-    except MediaRelayError:
-        KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
-        raise
+    if media is not None:
+        try:
+            run_media(media)
+        except MediaRelayError:
+            KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
+            raise
+    return True
+
+
+def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
+    if not _new_request_with_media(d.media):
+        return
     _ok(KSR.rr.record_route_preset(d.record_route_outbound, d.record_route_inbound), "record_route_preset")
     _ok(KSR.uac.uac_replace_to_uri(d.to_uri), "uac_replace_to_uri")
     if d.from_uri is not None:
@@ -268,15 +278,8 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
 
 
 def _relay_to_cucm(d: RelayToCucm) -> None:
-    if _retransmission():
+    if not _new_request_with_media(d.media):
         return
-    _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
-    if d.media is not None:
-        try:
-            run_media(d.media)
-        except MediaRelayError:
-            KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
-            raise
     if d.record_route is not None:
         _ok(KSR.rr.record_route_preset(d.record_route[0], d.record_route[1]), "record_route_preset")
     _true(KSR.seturi(d.request_uri), "seturi")
@@ -293,15 +296,8 @@ def _relay_in_dialog(d: RelayInDialog) -> None:
         _next_hop(d)
         KSR.tm.t_relay()
         return
-    if _retransmission():
+    if not _new_request_with_media(d.media):
         return
-    _ok(KSR.maxfwd.process_maxfwd(MAX_FORWARDS_DEFAULT), "process_maxfwd")
-    if d.media is not None:
-        try:
-            run_media(d.media)
-        except MediaRelayError:
-            KSR.sl.sl_send_reply(503, "Media Relay Unavailable")
-            raise
     _next_hop(d)
     if d.late_offer:
         _relay(ONREPLY_LATE_OFFER)
