@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kemi_o365.launch import RunDir, Stack, StartError
-from kemi_o365.policy.errors import PolicyError, Problem
+from kemi_o365.policy.errors import PolicyError
 from kemi_o365.policy.load import load_policy
 
 EXIT_OK = 0
@@ -97,29 +97,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def load_policy_for_certs(path: Path) -> int:
     """Make the throwaway PKI a lab policy names, so the policy can then be checked and run."""
-    import yaml
+    from kemi_o365.lab.certs import make_pki_for_policy
 
-    from kemi_o365.lab.certs import make_lab_pki
-
-    # Read only the names: the full check would fail precisely because the files are missing.
-    try:
-        data = yaml.safe_load(path.read_text())
-        tls = data["sbc"]["tls"]
-        cert = (path.absolute().parent / tls["certificate"]).resolve()
-        sbc_fqdn = str(data["sbc"]["fqdn"])
-        ms = str(data["microsoft"]["proxies"][0]["fqdn"])
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
-        raise PolicyError(
-            [
-                Problem(
-                    str(path),
-                    0,
-                    "",
-                    f"cannot read sbc.fqdn, sbc.tls.certificate and microsoft.proxies: {exc!r}",
-                )
-            ]
-        ) from exc
-    pki = make_lab_pki(cert.parent, sbc_fqdn, ms)
+    pki = make_pki_for_policy(path)
     print(
         f"lab PKI in {pki.dir}: CA {pki.ca_cert.name}, SBC {pki.sbc_cert.name}, "
         f"Microsoft peer {pki.ms_cert.name}"

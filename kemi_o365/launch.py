@@ -291,10 +291,11 @@ class Stack:
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue
-            _terminate(proc, timeout)
+            stop_process_group(proc, timeout)
 
 
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the process group we started (by PID), SIGKILL after `timeout`; reap it."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -33,11 +33,8 @@ What baresip 1.0.0 does (read from its source, tag v1.0.0, and libre 1.1.0, and 
 from __future__ import annotations
 
 import array
-import contextlib
 import ipaddress
 import math
-import os
-import signal
 import socket
 import struct
 import subprocess
@@ -47,6 +44,8 @@ import wave
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+
+from kemi_o365.launch import stop_process_group
 
 BARESIP_BINARY = "baresip"
 MODULE_PATH = Path("/usr/lib/baresip/modules")
@@ -270,15 +269,7 @@ class BaresipPeer:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(STOP_GRACE_S)
+        stop_process_group(proc, STOP_GRACE_S)
         self.returncode = proc.returncode
         return proc.returncode
 

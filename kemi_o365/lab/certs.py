@@ -309,3 +309,23 @@ def _lasts(cert: x509.Certificate) -> bool:
 def _matches_key(cert: x509.Certificate, key: rsa.RSAPrivateKey) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
+
+
+def make_pki_for_policy(policy_file: Path) -> LabPki:
+    """Make the throwaway PKI a lab policy names (in its certificate's folder), so it can then load.
+
+    Only the names are read: the full policy check would fail precisely because the files are missing.
+    """
+    import yaml
+
+    from kemi_o365.policy.errors import PolicyError, Problem
+
+    try:
+        data = yaml.safe_load(policy_file.read_text())
+        cert = (policy_file.absolute().parent / data["sbc"]["tls"]["certificate"]).resolve()
+        sbc_fqdn = str(data["sbc"]["fqdn"])
+        ms_fqdn = str(data["microsoft"]["proxies"][0]["fqdn"])
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
+        why = f"cannot read sbc.fqdn, sbc.tls.certificate and microsoft.proxies: {exc!r}"
+        raise PolicyError([Problem(str(policy_file), 0, "", why)]) from exc
+    return make_lab_pki(cert.parent, sbc_fqdn, ms_fqdn)

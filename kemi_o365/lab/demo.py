@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kemi_o365 import rtpengine_ng
-from kemi_o365.lab.certs import make_lab_pki
+from kemi_o365.lab.certs import make_pki_for_policy
 from kemi_o365.lab.checks import answer_to_cucm_problems, invite_to_microsoft_problems
 from kemi_o365.lab.ladder import LadderEvent, describe, render_ladder
 from kemi_o365.lab.ms_peer import MicrosoftPeer
@@ -62,23 +62,8 @@ def prepare_lab(root: Path, policy_text: str | None = None) -> Policy:
     root.mkdir(parents=True, exist_ok=True)
     policy_file = root / "policy.yaml"
     policy_file.write_text(policy_text if policy_text is not None else LAB_POLICY.read_text())
-    ms_fqdn = _first_proxy_fqdn(policy_file)
-    sbc_fqdn = _sbc_fqdn(policy_file)
-    make_lab_pki(root / "pki", sbc_fqdn, ms_fqdn)
+    make_pki_for_policy(policy_file)
     return load_policy(policy_file)
-
-
-def _first_proxy_fqdn(policy_file: Path) -> str:
-    import yaml
-
-    data = yaml.safe_load(policy_file.read_text())
-    return str(data["microsoft"]["proxies"][0]["fqdn"])
-
-
-def _sbc_fqdn(policy_file: Path) -> str:
-    import yaml
-
-    return str(yaml.safe_load(policy_file.read_text())["sbc"]["fqdn"])
 
 
 @contextmanager
