@@ -14,13 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from kemi_o365 import rtpengine_ng
 from kemi_o365.lab.certs import make_pki_for_policy
 from kemi_o365.lab.checks import answer_to_cucm_problems, invite_to_microsoft_problems
 from kemi_o365.lab.ladder import LadderEvent, describe, render_ladder
 from kemi_o365.lab.ms_peer import MicrosoftPeer
-from kemi_o365.lab.sipp import SippResult, free_port, run_sipp
+from kemi_o365.lab.sipp import SippProcess, SippResult, free_both, free_port, run_sipp, start_sipp
 from kemi_o365.launch import REPO, RunDir, Stack
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy
@@ -85,6 +88,37 @@ def microsoft_peer(policy: Policy, pki: Path, *, keylog_file: Path | None = None
     )
     with peer:
         yield peer
+
+
+def lab_policy_on_fresh_ports(media_ports: tuple[int, int]) -> dict[str, Any]:
+    """The shipped lab policy as data, every SIP and control port one the OS says is free now,
+    rtpengine on `media_ports` (so parallel labs never share a port)."""
+    data: dict[str, Any] = yaml.safe_load(LAB_POLICY.read_text())
+    data["sbc"]["internal"]["port"] = free_both("127.0.0.1")
+    data["sbc"]["external"]["port"] = free_port("127.0.0.2")
+    data["microsoft"]["proxies"][0]["port"] = free_port("127.0.0.3")
+    data["rtpengine"]["control"]["port"] = free_port("127.0.0.1", socket.SOCK_DGRAM)
+    data["cucm"]["port"] = free_both(data["cucm"]["address"])
+    data["rtpengine"]["port_min"], data["rtpengine"]["port_max"] = media_ports
+    return data
+
+
+def cucm_uas(
+    policy: Policy, workdir: Path, scenario: str, *, udp: bool = False, timeout_s: int = 20
+) -> SippProcess:
+    """SIPp as CUCM answering on cucm.address:cucm.port (TCP, or UDP), for requests Microsoft starts."""
+    cucm, internal = policy.cucm, policy.sbc.internal
+    assert cucm.address is not None, "the lab policy names CUCM's address"
+    return start_sipp(
+        SCENARIOS / scenario / "uas.xml",
+        f"{internal.address}:{internal.port}",
+        transport="u1" if udp else "t1",
+        local_ip=cucm.address,
+        local_port=cucm.port,
+        media_ip=cucm.address,
+        workdir=workdir,
+        timeout_s=timeout_s,
+    )
 
 
 def cucm_address(policy: Policy) -> str:

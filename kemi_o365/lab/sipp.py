@@ -201,6 +201,19 @@ def free_port(ip: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREA
         return port
 
 
+def free_both(ip: str) -> int:
+    """A port free for UDP and TCP at once (the SBC's CUCM listener and SIPp as CUCM open both)."""
+    for _ in range(50):
+        port = free_port(ip, socket.SOCK_STREAM)
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((ip, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port on {ip} free for both UDP and TCP")
+
+
 def _host_of(target: str) -> str:
     """Host of a SIPp remote host[:port] argument ("127.0.0.1:5060", "[::1]:5060", "localhost")."""
     if target.startswith("["):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kemi_o365.lab.demo import LAB_POLICY, cucm_address, microsoft_peer, prepare_lab
+from kemi_o365.lab.demo import cucm_address, lab_policy_on_fresh_ports, microsoft_peer, prepare_lab
 from kemi_o365.lab.ms_peer import MicrosoftPeer
 from kemi_o365.launch import RunDir, Stack
 from kemi_o365.policy.model import Policy
@@ -54,25 +53,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.line(f"    via SBC: {through}")
 
 
-def _free(ip: str, kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
-
-
-def _free_both(ip: str) -> int:
-    """A port free for UDP and TCP at once (the CUCM listener opens both)."""
-    for _ in range(50):
-        port = _free(ip, socket.SOCK_STREAM)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((ip, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free for both UDP and TCP")
-
-
 def media_window() -> tuple[int, int]:
     """A 40-port rtpengine range of its own for each start, below the kernel's ephemeral ports."""
     base = 21000 + ((os.getpid() * 7 + next(_windows) * 40 + random.randrange(0, 40) * 40) % 8000)
@@ -81,13 +61,7 @@ def media_window() -> tuple[int, int]:
 
 def lab_policy_data(**overrides: Any) -> dict[str, Any]:
     """The shipped lab policy with fresh ports for one test; `overrides` replace top-level sections."""
-    data: dict[str, Any] = yaml.safe_load(LAB_POLICY.read_text())
-    data["sbc"]["internal"]["port"] = _free_both("127.0.0.1")
-    data["sbc"]["external"]["port"] = _free("127.0.0.2", socket.SOCK_STREAM)
-    data["microsoft"]["proxies"][0]["port"] = _free("127.0.0.3", socket.SOCK_STREAM)
-    data["rtpengine"]["control"]["port"] = _free("127.0.0.1", socket.SOCK_DGRAM)
-    data["cucm"]["port"] = _free_both(data["cucm"]["address"])
-    data["rtpengine"]["port_min"], data["rtpengine"]["port_max"] = media_window()
+    data = lab_policy_on_fresh_ports(media_window())
     data.update(overrides)
     return data
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kemi_o365.lab.certs import make_leaf
-from kemi_o365.lab.demo import SCENARIOS, wait_rtpengine_empty
+from kemi_o365.lab.demo import SCENARIOS, cucm_uas, wait_rtpengine_empty
 from kemi_o365.lab.sipp import SippProcess, start_sipp
 from kemi_o365.sipmsg import SipMessage, StreamReader
 from tests.e2e.conftest import Lab, lab_policy_data, running_lab
@@ -26,17 +26,7 @@ EXTENSION = "10048"
 
 def _cucm_uas(lab: Lab, scenario: str) -> SippProcess:
     """SIPp as CUCM, answering on cucm.address:cucm.port over TCP."""
-    cucm = lab.policy.cucm
-    assert cucm.address is not None
-    return start_sipp(
-        SCENARIOS / scenario / "uas.xml",
-        lab.cucm_target,
-        local_ip=cucm.address,
-        local_port=cucm.port,
-        media_ip=cucm.address,
-        workdir=lab.root / f"sipp-{scenario}",
-        timeout_s=20,
-    )
+    return cucm_uas(lab.policy, lab.root / f"sipp-{scenario}", scenario)
 
 
 def _received_by_cucm(proc_messages: list[SipMessage], method: str) -> SipMessage:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kemi_o365.lab.demo import SCENARIOS, wait_rtpengine_empty
+from kemi_o365.lab.demo import cucm_uas, wait_rtpengine_empty
 from kemi_o365.lab.rtp import decode_inline_key, new_inline_key
-from kemi_o365.lab.sipp import SippProcess, start_sipp
+from kemi_o365.lab.sipp import SippProcess
 from tests.e2e.conftest import Lab, lab_policy_data, running_lab
 
 pytestmark = pytest.mark.e2e
@@ -119,17 +119,8 @@ def udp_lab(tmp_path: Path) -> Iterator[Lab]:
 
 def _cucm_uas_udp(lab: Lab) -> SippProcess:
     """SIPp as CUCM, answering on cucm.address:cucm.port over UDP."""
-    cucm = lab.policy.cucm
-    assert cucm.address is not None
-    return start_sipp(
-        SCENARIOS / "cucm-answers-udp" / "uas.xml",
-        lab.cucm_target,
-        transport="u1",
-        local_ip=cucm.address,
-        local_port=cucm.port,
-        media_ip=cucm.address,
-        workdir=lab.root / "sipp-cucm-answers-udp",
-        timeout_s=12,
+    return cucm_uas(
+        lab.policy, lab.root / "sipp-cucm-answers-udp", "cucm-answers-udp", udp=True, timeout_s=12
     )
 
 
