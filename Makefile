@@ -38,5 +38,9 @@ test: setup lint
 unit: venv
 	@$(VENV)/bin/pytest tests/unit
 
+# Long runs, not part of `make test` (which holds a short version of each so they cannot rot).
+bench: setup
+	@$(PY) benchmarks/tls_soak.py --connections 50000 --minutes 10
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
