@@ -26,11 +26,29 @@ class Media:
 
 
 @dataclass(frozen=True)
+class HeaderEdits:
+    """Header changes on a relayed message: names removed (every instance, compact forms too), whole
+    lines appended at the end, and lines inserted before the first header (restored Vias)."""
+
+    remove: tuple[str, ...] = ()
+    add: tuple[str, ...] = ()
+    insert: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.add or self.insert)
+
+
+NO_EDITS = HeaderEdits()
+
+
+@dataclass(frozen=True)
 class Respond:
     """Answer the request ourselves; it is not forwarded."""
 
     code: int
     reason: str
+    headers: tuple[str, ...] = ()
+    """Whole header lines added to the reply (e.g. Unsupported with a 420)."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +72,15 @@ class RelayToMicrosoft:
     send_socket: str
     advertised_host: str
     advertised_port: int
-    record_route_outbound: str
-    record_route_inbound: str
+    record_route: str
+    """The SBC's one Record-Route entry toward Microsoft (its internal one is never shown there)."""
     media: Media
     from_uri: str | None
     """A From URI for Microsoft (E.164, SBC host), or None to keep CUCM's."""
-    contact: str
-    """The SBC's own address: CUCM's Contact is encoded into a parameter of it (never shown as is)."""
-    remove_headers: tuple[str, ...]
-    add_headers: tuple[str, ...]
-    """Whole header lines ("Name: value") appended after the removals."""
+    edits: HeaderEdits
+    """Topology hiding and Microsoft's header rules: CUCM's Via, Call-ID, Contact and identities."""
+    stash: str
+    """CUCM's Via lines, kept with the transaction and put back on the replies."""
     tls_server_id: str = ""
     """Selects the TLS client profile whose SNI and verification name is the proxy's FQDN."""
 
@@ -91,8 +108,11 @@ class RelayInDialog:
     """Toward Microsoft, Via carries the SBC FQDN and port as Record-Route did."""
     late_offer: bool = False
     """A re-INVITE without SDP: the offer comes in the 2xx and the answer in the ACK."""
-    encode_contact: str | None = None
-    """Toward Microsoft, a target refresh's Contact is hidden behind this SBC address."""
+    edits: HeaderEdits = NO_EDITS
+    stash: str = ""
+    """Toward Microsoft: CUCM's Via lines, put back on the replies."""
+    mask_replies: bool = False
+    """Toward CUCM in a dialog CUCM started: its replies get the masked Call-ID again."""
     tls_server_id: str | None = None
     """Toward a configured Microsoft proxy: its TLS client profile (SNI = its FQDN)."""
 
@@ -112,8 +132,8 @@ class ReplyAction:
     """What to do with a response passing through: an rtpengine step, or nothing."""
 
     media: Media | None
-    encode_contact: str | None = None
-    """A response going to Microsoft: hide CUCM's Contact behind this SBC address."""
+    edits: HeaderEdits = NO_EDITS
+    """Topology hiding toward Microsoft, or what it hid put back toward CUCM."""
     provisional: bool = False
     """A provisional other than 100 from Microsoft: from now on the call must not fail over."""
 

@@ -36,8 +36,9 @@ class Kamailio:
         return self._guarded("request", self._request)
 
     def ksr_reply_route(self, msg: object) -> int:
-        # Defined so the core reply route exists (KAMAILIO-NOTES P1); work is done in tm callbacks.
-        return 1
+        # Work is done in tm callbacks; here only replies no transaction knows are stopped: the core
+        # would forward them statelessly by their Via, past rtpengine and topology hiding.
+        return self._guarded("stray reply", self._stray_reply)
 
     def ksr_onsend_route(self, msg: object) -> int:
         return 1
@@ -68,6 +69,14 @@ class Kamailio:
         return self._guarded("reply", lambda: self._reply(initial=False, late_offer=True))
 
     def _request(self) -> None:
+        source_ip, local_ip, local_port = adapter.source()
+        side = adapter.side_of(local_ip, local_port, self.policy)
+        # Before anything is parsed or answered: a flood must cost as little as possible.
+        limit = self.policy.sbc.flood_limit
+        if routing.flood_limited(side, source_ip, self.policy) and adapter.flood_refused(
+            source_ip, limit.ban_seconds
+        ):
+            return
         if not adapter.passes_sanity():
             return
         request = adapter.read_request(self.policy)
@@ -80,6 +89,10 @@ class Kamailio:
                 f"(Call-ID {adapter.call_id()})\n"
             )
         adapter.apply(decision)
+
+    def _stray_reply(self) -> None:
+        if not adapter.reply_has_transaction():
+            adapter.drop_reply()
 
     def _reply(self, *, initial: bool, late_offer: bool = False) -> None:
         reply = adapter.read_reply(self.policy)
@@ -100,6 +113,7 @@ class Kamailio:
             KSR.err("kemi-o365: " + traceback.format_exc().replace("\n", "\n  ") + "\n")
             if what == "request":
                 adapter.respond_error(500, "Internal Server Error")
+                adapter.release_media()
         return 1
 
 

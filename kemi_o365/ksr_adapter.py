@@ -11,6 +11,7 @@ from typing import assert_never
 
 import KSR
 
+from kemi_o365 import topology
 from kemi_o365.decision import (
     Decision,
     Drop,
@@ -18,6 +19,7 @@ from kemi_o365.decision import (
     Failover,
     FailureAction,
     GiveUp,
+    HeaderEdits,
     Media,
     MediaAction,
     RelayCancel,
@@ -29,14 +31,18 @@ from kemi_o365.decision import (
 )
 from kemi_o365.policy.model import Policy, Transport
 from kemi_o365.request import Method, Reply, Request, Side
+from kemi_o365.routing import CONTACT_PARAM, MASKED_DIALOG_PARAM
 
 # rtpengine reads the SDP from this variable (modparam read_sdp_pv in kamailio.cfg), so the core
 # can hand it an edited body; it must therefore be set before every offer and answer.
 SDP_PV = "$var(kemi_o365_sdp)"
 
-# CUCM's Contact travels toward Microsoft Base64URL-encoded in this parameter of the SBC's own URI
-# (siputils contact_param_encode), and is restored from the Request-URI of requests coming back.
-CONTACT_PARAM = "kemi"
+# CUCM's masked Contact, read back from the Request-URI of Microsoft's in-dialog requests.
+CONTACT_TOKEN_PV = f"$(ru{{uri.param,{CONTACT_PARAM}}})"
+# Kept with the transaction (AVPs live as long as it): CUCM's Via lines hidden from Microsoft, and
+# "mask the Call-ID of CUCM's replies" for requests whose masked Call-ID was restored.
+STASH_AVP = "$avp(kemi_o365_via)"
+MASK_AVP = "$avp(kemi_o365_mask)"
 
 # tm onreply callbacks: method names on the handler object (kemi.Kamailio), kept as constants so a
 # test can check each names a real method (a typo is silent in Kamailio 5.6).
@@ -51,9 +57,10 @@ TLS_SNI_XAVP = "$xavp(tls=>server_name)"
 # Proxies skipped until their Retry-After runs out (htable in kamailio.cfg; key = the proxy's URI).
 HOLD_TABLE = "ms_hold"
 
-# sanity module checks (README: 17895 = ruri, version, method, cseq, cl, expires, proxy-require,
-# parse uri, digest, duplicate tag checks as in Kamailio's reference KEMI script).
-SANITY_MSG_CHECKS = 17895
+# sanity module checks (sanity README §3): 1 R-URI SIP version, 2 R-URI scheme, 4 required headers,
+# 32 CSeq method, 64 CSeq value, 128 Content-Length, 256 Expires, 512 Proxy-Require (420 Bad
+# Extension: the SBC supports none), 1024 parse URIs, 16384 duplicate tags.
+SANITY_MSG_CHECKS = 18407
 SANITY_URI_CHECKS = 7
 MAX_FORWARDS_DEFAULT = 70
 
@@ -92,10 +99,49 @@ def _side() -> tuple[str, int]:
     return KSR.pv.gete("$Ri"), int(KSR.pv.geti("$Rp"))
 
 
+class MalformedBody(ValueError):
+    """Headers or a body Python cannot hold as text (bytes that are not UTF-8, RFC 3261 §7.3.1)."""
+
+
 def _sdp_body() -> tuple[bool, str]:
     if KSR.textops.has_body_type("application/sdp") < 0:
         return False, ""
-    return True, KSR.pv.gete("$rb")
+    try:
+        return True, KSR.pv.gete("$rb")
+    except UnicodeDecodeError as exc:
+        # app_python3 decodes strings as UTF-8 and raises on anything else.
+        raise MalformedBody("SDP is not UTF-8 text") from exc
+
+
+def _malformed(raw_max_forwards: str, sdp: str) -> str:
+    if raw_max_forwards and not raw_max_forwards.isdigit():
+        return "Max-Forwards is not a number"
+    if raw_max_forwards.isdigit() and int(raw_max_forwards) > 255:
+        return "Max-Forwards above 255"
+    if "\0" in sdp:
+        return "NUL byte in the SDP"
+    return ""
+
+
+# Sources pike found flooding, ignored until their entry expires (htable in kamailio.cfg).
+BAN_TABLE = "ipban"
+
+
+def source() -> tuple[str, str, int]:
+    """(source IP, local IP, local port): enough to tell a side and a stranger before parsing more."""
+    local_ip, local_port = _side()
+    return KSR.pv.gete("$si"), local_ip, local_port
+
+
+def flood_refused(source_ip: str, ban_seconds: int) -> bool:
+    """True while `source_ip` is banned, or when pike finds it over the limit now (then banned)."""
+    if KSR.htable.sht_gete(BAN_TABLE, source_ip):
+        return True
+    if KSR.pike.pike_check_req() >= 0:
+        return False
+    KSR.htable.sht_setxi(BAN_TABLE, source_ip, 1, ban_seconds)
+    KSR.warn(f"kemi-o365: flood from {source_ip}: no answers to it for {ban_seconds} s\n")
+    return True
 
 
 def passes_sanity() -> bool:
@@ -108,18 +154,27 @@ def read_request(policy: Policy) -> Request:
     side = side_of(local_ip, local_port, policy)
     to_tag = KSR.siputils.has_totag() > 0
     if to_tag and side is Side.MICROSOFT:
-        # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI encoded in it.
+        # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI masked in it.
         # Restore it first: a Request-URI naming us would make loose_route assume a strict router
-        # upstream (RFC 3261 §16.4) and route by our own Record-Route entry. Absent (-1) is fine.
-        KSR.siputils.contact_param_decode_ruri(CONTACT_PARAM)
+        # upstream (RFC 3261 §16.4) and route by our own Record-Route entry.
+        target = topology.masker(policy).unmask(KSR.pv.gete(CONTACT_TOKEN_PV))
+        if target is not None:
+            _true(KSR.seturi(target), "seturi")
     # loose_route consumes our own Route headers; only in-dialog requests may carry them here.
     routed = to_tag and KSR.rr.loose_route() > 0
-    has_sdp, sdp = _sdp_body()
+    masked_dialog = routed and side is Side.CUCM and KSR.rr.check_route_param(MASKED_DIALOG_PARAM) > 0
+    try:
+        has_sdp, sdp = _sdp_body()
+        headers = _headers() if side is Side.CUCM else ()
+        body_problem = ""
+    except MalformedBody as exc:
+        has_sdp, sdp, headers, body_problem = True, "", (), str(exc)
     raw_mf = KSR.hdr.gete("Max-Forwards").strip()
+    method = Method.parse(KSR.pv.gete("$rm"))
     proto = KSR.pv.gete("$pr").lower()
     verified, names = _tls_peer() if proto == "tls" else (False, ())
     return Request(
-        method=Method.parse(KSR.pv.gete("$rm")),
+        method=method,
         ruri_user=KSR.pv.gete("$rU"),
         ruri_host=KSR.pv.gete("$rd"),
         from_user=KSR.pv.gete("$fU"),
@@ -134,7 +189,19 @@ def read_request(policy: Policy) -> Request:
         routed_to_us=routed,
         tls_verified=verified,
         tls_peer_names=names,
+        call_id=KSR.pv.gete("$ci"),
+        headers=headers,
+        masked_dialog=masked_dialog,
+        malformed=body_problem or _malformed(raw_mf, sdp),
+        require=KSR.hdr.gete("Require").strip() if method is Method.OPTIONS else "",
     )
+
+
+def _headers() -> tuple[tuple[str, str], ...]:
+    try:
+        return topology.parse_headers(KSR.pv.gete("$msg(hdrs)"))
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("headers are not UTF-8 text") from exc
 
 
 def _tls_peer() -> tuple[bool, tuple[str, ...]]:
@@ -155,14 +222,39 @@ def read_reply(policy: Policy) -> Reply:
         side=side_of(local_ip, local_port, policy),
         has_sdp=has_sdp,
         sdp=sdp,
+        call_id=KSR.pv.gete("$ci"),
+        headers=_headers(),
+        stash=KSR.pv.gete(STASH_AVP),
+        mask_call_id=KSR.pv.geti(MASK_AVP) > 0,
     )
+
+
+def _edit(edits: HeaderEdits) -> None:
+    """Header lumps: applied to the message as it leaves (requests and relayed replies alike)."""
+    for name in edits.remove:
+        KSR.hdr.remove(name)  # absent is fine: nothing to remove
+    for line in edits.add:
+        _ok(KSR.hdr.append(line + "\r\n"), "hdr.append")
+    # hdr.insert puts each line first: insert in reverse to keep their order.
+    for line in reversed(edits.insert):
+        _ok(KSR.hdr.insert(line + "\r\n"), "hdr.insert")
+
+
+def _stash(stash: str, mask_replies: bool = False) -> None:
+    if stash:
+        KSR.pv.sets(STASH_AVP, stash)
+    if mask_replies:
+        KSR.pv.seti(MASK_AVP, 1)
 
 
 def run_media(media: Media) -> None:
     """One rtpengine step; raises MediaRelayError when rtpengine refuses or is unreachable."""
     if media.action is MediaAction.DELETE:
         # A failed delete (session already gone) must not break the signalling path.
-        KSR.rtpengine.rtpengine_delete0()
+        if media.flags:
+            KSR.rtpengine.rtpengine_delete(media.flags)
+        else:
+            KSR.rtpengine.rtpengine_delete0()
         return
     sdp = media.sdp if media.sdp is not None else KSR.pv.gete("$rb")
     KSR.pv.sets(SDP_PV, sdp)
@@ -215,7 +307,9 @@ def _relay_to_proxies(tries: int) -> None:
 
 def apply(decision: Decision) -> None:
     match decision:
-        case Respond(code=code, reason=reason):
+        case Respond(code=code, reason=reason, headers=headers):
+            for line in headers:
+                KSR.hdr.append_to_reply(line + "\r\n")
             KSR.sl.sl_send_reply(code, reason)
         case Drop():
             # Hop-by-hop ACKs for negative replies belong to a tm transaction, which absorbs them.
@@ -254,15 +348,19 @@ def _new_request_with_media(media: Media | None) -> bool:
 def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
     if not _new_request_with_media(d.media):
         return
-    _ok(KSR.rr.record_route_preset(d.record_route_outbound, d.record_route_inbound), "record_route_preset")
-    _ok(KSR.uac.uac_replace_to_uri(d.to_uri), "uac_replace_to_uri")
-    if d.from_uri is not None:
-        _ok(KSR.uac.uac_replace_from_uri(d.from_uri), "uac_replace_from_uri")
-    _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.contact), "contact_param_encode")
-    for name in d.remove_headers:
-        KSR.hdr.remove(name)  # absent is fine: nothing to remove
-    for line in d.add_headers:
-        _ok(KSR.hdr.append(line + "\r\n"), "hdr.append")
+    # uac first: with one Record-Route entry (double_rr expects two once RR is done), its restore
+    # parameters must wait in rr's buffer (512 bytes) for record_route_preset_one to take them.
+    replaced = KSR.uac.uac_replace_to_uri(d.to_uri) > 0
+    if replaced and d.from_uri is not None:
+        replaced = KSR.uac.uac_replace_from_uri(d.from_uri) > 0
+    if not replaced:
+        # Only From/To URIs hundreds of bytes long get here (RFC 4475 longreq), never CUCM's.
+        KSR.sl.sl_send_reply(400, "Bad Request (From or To URI too long to relay)")
+        KSR.rtpengine.rtpengine_delete0()
+        return
+    _ok(KSR.rr.record_route_preset_one(d.record_route), "record_route_preset_one")
+    _edit(d.edits)
+    _stash(d.stash)
     _true(KSR.seturi(d.request_uri), "seturi")
     # Algorithm 8: the active proxy with the highest priority becomes the next hop ($du); the
     # Request-URI stays as routing built it (E.164, ;user=phone).
@@ -306,8 +404,8 @@ def _relay_in_dialog(d: RelayInDialog) -> None:
 
 
 def _next_hop(d: RelayInDialog) -> None:
-    if d.encode_contact is not None:
-        _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, d.encode_contact), "contact_param_encode")
+    _edit(d.edits)
+    _stash(d.stash, d.mask_replies)
     if d.tls_server_id is not None:
         _tls_target(d.tls_server_id)
     if d.destination:
@@ -324,10 +422,10 @@ def _advertise(host_port: tuple[str, int]) -> None:
 def apply_reply(action: ReplyAction) -> None:
     if action.provisional:
         KSR.pv.seti(PROVISIONAL_AVP, 1)
+    # Edits first: the reply must reach its side with the right Via and Call-ID even if media fails.
+    _edit(action.edits)
     if action.media is not None:
         run_media(action.media)
-    if action.encode_contact is not None:
-        _ok(KSR.siputils.contact_param_encode(CONTACT_PARAM, action.encode_contact), "contact_param_encode")
 
 
 def read_failed_branch() -> FailedBranch:
@@ -344,6 +442,10 @@ def apply_failure(action: FailureAction) -> None:
     match action:
         case Failover():
             # The failed proxy goes inactive; the dispatcher's OPTIONS bring it back when it answers.
+            KSR.warn(
+                f"kemi-o365: Microsoft proxy {KSR.pv.gete('$du')} failed ({KSR.pv.geti('$T_reply_code')}), "
+                f"Call-ID {call_id()}: inactive until it answers OPTIONS\n"
+            )
             KSR.dispatcher.ds_mark_dst_state("ip")
             if action.hold_s > 0:
                 KSR.htable.sht_setxi(HOLD_TABLE, KSR.pv.gete("$du"), 1, action.hold_s)
@@ -379,6 +481,24 @@ def _tls_target(fqdn: str) -> None:
     from the tls xavp (modparam xavp_cfg), not from the profile's server_name."""
     _ok(KSR.tls.set_connect_server_id(fqdn), "tls.set_connect_server_id")
     KSR.pv.sets(TLS_SNI_XAVP, fqdn)
+
+
+def reply_has_transaction() -> bool:
+    """In the core reply route: whether this reply answers a request the SBC relayed or sent."""
+    return KSR.tm.t_check_trans() > 0
+
+
+def drop_reply() -> None:
+    """Not forwarded statelessly (the core's default for a reply no transaction knows)."""
+    KSR.set_drop()
+
+
+def release_media() -> None:
+    """After an internal error: an rtpengine session the request may have opened must not linger."""
+    try:
+        KSR.rtpengine.rtpengine_delete0()
+    except Exception as exc:
+        KSR.err(f"kemi-o365: could not release media: {exc}\n")
 
 
 def respond_error(code: int, reason: str) -> None:

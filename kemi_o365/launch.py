@@ -145,6 +145,8 @@ def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
         "DS_PING_FROM": _quoted(f"sip:{sbc.fqdn}"),
         "OPTIONS_INTERVAL": str(policy.microsoft.options_interval),
         "KEEPALIVE_TIMER": _quoted(f"name=crlf;interval={policy.microsoft.keepalive_interval};mode=1;"),
+        "PIKE_UNIT": str(sbc.flood_limit.per_seconds),
+        "PIKE_DENSITY": str(sbc.flood_limit.requests),
     }
     argv = [KAMAILIO_BIN, "-f", str(KAMAILIO_DIR / "kamailio.cfg"), "-DD", "-E", "-Y", str(run.root)]
     if Transport.UDP in sbc.internal.transports:
@@ -185,6 +187,7 @@ def rtpengine_command(policy: Policy, run: RunDir) -> list[str]:
         "--log-stderr",
         "--log-level=6",
         "--delete-delay=0",
+        f"--endpoint-learning={rtp.endpoint_learning}",
     ]
 
 

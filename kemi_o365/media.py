@@ -33,6 +33,9 @@ DEFAULT_OFFER_TO_MICROSOFT: tuple[str, ...] = (
     "replace-origin",
     "replace-session-connection",
     "strip-extmap",
+    # Media only from the endpoint each side negotiated (rtpengine --endpoint-learning picks it,
+    # preferring the SDP's address): a stranger's packets to the SBC's ports are dropped.
+    "strict-source",
     "direction=internal",
     "direction=external",
     *(f"SDES-no-{suite}" for suite in OTHER_SDES_SUITES),
@@ -48,6 +51,7 @@ DEFAULT_ANSWER_TO_CUCM: tuple[str, ...] = (
     "ICE=remove",
     "replace-origin",
     "replace-session-connection",
+    "strict-source",
 )
 
 
@@ -60,6 +64,7 @@ DEFAULT_OFFER_TO_CUCM: tuple[str, ...] = (
     "replace-origin",
     "replace-session-connection",
     "strip-extmap",
+    "strict-source",
 )
 
 # CUCM's answer to a Microsoft offer: rtpengine keeps Microsoft's RTP/SAVP and crypto suite.
@@ -67,6 +72,7 @@ DEFAULT_ANSWER_TO_MICROSOFT: tuple[str, ...] = (
     "ICE=remove",
     "replace-origin",
     "replace-session-connection",
+    "strict-source",
 )
 
 
@@ -117,3 +123,12 @@ def strip_lines(sdp: str, prefixes: Iterable[str]) -> str:
     lines = sdp.split(eol)
     kept = [ln for ln in lines if not ln.startswith(wanted)]
     return eol.join(kept)
+
+
+def anonymous_origin(sdp: str) -> str:
+    """o= with username "-" (RFC 4566 §5.2: no user ids): CUCM writes its product there
+    ("CiscoSystemsCCM-SIP"); rtpengine's replace-origin rewrites only the address. The same every
+    time, so the origin stays constant across the session as RFC 3264 §8 requires."""
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(eol)
+    return eol.join("o=- " + ln.split(" ", 1)[1] if ln.startswith("o=") and " " in ln else ln for ln in lines)

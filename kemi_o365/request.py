@@ -67,6 +67,15 @@ class Request:
     """Over TLS: the client presented a certificate that chains to the configured CA."""
     tls_peer_names: tuple[str, ...] = ()
     """Over TLS: the client certificate's subject CN and first DNS subjectAltName."""
+    call_id: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    """All headers as (name, value), for requests from CUCM (topology hiding); () otherwise."""
+    masked_dialog: bool = False
+    """In-dialog from CUCM: the dialog CUCM started, whose Call-ID Microsoft knows masked."""
+    malformed: str = ""
+    """What makes the request unusable though Kamailio's parser took it (answered 400), or ""."""
+    require: str = ""
+    """The Require header's option tags, for requests the SBC answers itself (RFC 3261 §8.2.2.3)."""
 
 
 @dataclass(frozen=True)
@@ -78,3 +87,9 @@ class Reply:
     side: Side
     has_sdp: bool
     sdp: str = ""
+    call_id: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    stash: str = ""
+    """CUCM's Via lines hidden from Microsoft on the request this answers ("" if none)."""
+    mask_call_id: bool = False
+    """From CUCM, answering a request whose masked Call-ID the SBC restored: mask it again."""

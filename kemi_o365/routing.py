@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ipaddress
 
+from kemi_o365 import topology
 from kemi_o365.decision import (
+    NO_EDITS,
     Decision,
     Drop,
     FailedBranch,
     Failover,
     FailureAction,
     GiveUp,
+    HeaderEdits,
     Media,
     MediaAction,
     RelayCancel,
@@ -27,6 +30,7 @@ from kemi_o365.decision import (
 from kemi_o365.media import (
     DEFAULT_ANSWER_TO_MICROSOFT,
     DEFAULT_OFFER_TO_CUCM,
+    anonymous_origin,
     codec_flags,
     disable_media,
     flag_string,
@@ -47,22 +51,18 @@ FAILOVER_CODES = frozenset({408, 477, 503, 504})
 
 def decide(req: Request, policy: Policy) -> Decision:
     """What to do with one incoming request."""
-    if req.side is Side.UNKNOWN:
-        return Respond(403, "Forbidden")
-    if req.side is Side.CUCM and not _in_networks(req.source_ip, policy.cucm.sources):
-        return Respond(403, "Forbidden")
-    if req.side is Side.MICROSOFT and not _microsoft_allowed(req, policy):
-        return Respond(403, "Forbidden")
-    # RFC 3261 §16.3 step 2: a proxy must not forward a request whose Max-Forwards is zero.
-    if req.max_forwards == 0 and req.method is not Method.OPTIONS:
-        # RFC 3261 §17.1.1.3: an ACK is never answered.
-        return Drop("ACK with Max-Forwards 0") if req.method is Method.ACK else Respond(483, "Too Many Hops")
+    refused = _refused(req, policy)
+    if refused is not None:
+        return refused
     if req.method is Method.CANCEL:
         return RelayCancel(DELETE)
     if req.to_tag:
         return _in_dialog(req, policy)
     if req.method is Method.OPTIONS:
-        # Keep-alive pings from CUCM (SIP OPTIONS ping) and from Microsoft: we answer for ourselves.
+        # Keep-alive pings from CUCM (SIP OPTIONS ping) and from Microsoft: we answer for ourselves,
+        # as a UAS that supports no extension (RFC 3261 §8.2.2.3: 420 listing them as Unsupported).
+        if req.require:
+            return Respond(420, "Bad Extension", (f"Unsupported: {req.require}",))
         return Respond(200, "OK")
     if req.method is Method.ACK:
         return Drop("ACK outside any dialog")
@@ -71,6 +71,35 @@ def decide(req: Request, policy: Policy) -> Decision:
     if req.side is Side.MICROSOFT:
         return _request_from_microsoft(req, policy)
     return Respond(404, "Not Found")
+
+
+def _refused(req: Request, policy: Policy) -> Respond | Drop | None:
+    """Who may not send this, or why it cannot go on: checked before anything else is decided."""
+    if req.side is Side.UNKNOWN:
+        return Respond(403, "Forbidden")
+    if req.side is Side.CUCM and not _in_networks(req.source_ip, policy.cucm.sources):
+        return Respond(403, "Forbidden")
+    if req.side is Side.MICROSOFT and not _microsoft_allowed(req, policy):
+        return Respond(403, "Forbidden")
+    # RFC 3261 §17.1.1.3: an ACK is never answered.
+    ack = req.method is Method.ACK
+    if req.malformed:
+        # Never forwarded: RFC 3261 §16.3 step 1 (reasonable syntax check) and §21.4.1.
+        return (
+            Drop(f"malformed ACK: {req.malformed}") if ack else Respond(400, f"Bad Request ({req.malformed})")
+        )
+    # RFC 3261 §16.3 step 2: a proxy must not forward a request whose Max-Forwards is zero.
+    if req.max_forwards == 0 and req.method is not Method.OPTIONS:
+        return Drop("ACK with Max-Forwards 0") if ack else Respond(483, "Too Many Hops")
+    return None
+
+
+def flood_limited(side: Side, source_ip: str, policy: Policy) -> bool:
+    """Whether pike counts this source: anyone on the CUCM side who is not CUCM. The TLS side is
+    closed by mutual TLS (no certificate, no connection); configured peers are never limited."""
+    if side is Side.MICROSOFT:
+        return False
+    return side is Side.UNKNOWN or not _in_networks(source_ip, policy.cucm.sources)
 
 
 def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
@@ -139,14 +168,22 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
     if not req.has_sdp:
         # Microsoft does not take delayed offer; CUCM must send SDP (early offer / MTP on the trunk).
         return Respond(488, "Not Acceptable Here (delayed offer: enable early offer on the CUCM trunk)")
+    if not topology.via_hides_cleanly(req.headers, req.source_ip):
+        return VIA_REFUSED
     proxy = ms.proxies[0]
     numbers = ms.numbers
     called = translate(req.ruri_user, numbers.to_microsoft)
     # Teams wants E.164 with ;user=phone in the Request-URI and From (MICROSOFT-NOTES §1.4).
     phone = ";user=phone" if numbers.user_phone else ""
-    from_uri = None
-    if numbers.to_microsoft or numbers.user_phone:
-        from_uri = f"sip:{translate(req.from_user, numbers.to_microsoft)}@{policy.sbc.fqdn}{phone}"
+    # The From host is CUCM's address: Microsoft sees the SBC FQDN (topology hiding), and E.164 for Teams.
+    from_uri = f"sip:{translate(req.from_user, numbers.to_microsoft)}@{policy.sbc.fqdn}{phone}"
+    edits, stash = _hide_request(
+        req,
+        policy,
+        mask_call_id=True,
+        remove=_removed_toward_microsoft(policy),
+        add=_added_toward_microsoft(policy),
+    )
     return RelayToMicrosoft(
         request_uri=f"sip:{called}@{proxy.fqdn}:{proxy.port};transport=tls{phone}",
         proxy_set=MICROSOFT_SET,
@@ -155,13 +192,13 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
         send_socket=f"tls:{policy.sbc.external.address}:{policy.sbc.external.port}",
         advertised_host=policy.sbc.fqdn,
         advertised_port=policy.sbc.external.port,
-        record_route_outbound=f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on",
-        record_route_inbound=_inbound_rr(req, policy),
+        # One entry: Microsoft never sees the internal one, which replies toward CUCM get back
+        # (topology.internal_record_route). The marker says "Call-ID masked" on in-dialog requests.
+        record_route=f"{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls;r2=on;{MASKED_DIALOG_PARAM}",
         media=_offer_to_microsoft(req, policy),
         from_uri=from_uri,
-        contact=sbc_contact(policy),
-        remove_headers=_removed_toward_microsoft(policy),
-        add_headers=_added_toward_microsoft(policy),
+        edits=edits,
+        stash=stash,
         tls_server_id=proxy.fqdn,
     )
 
@@ -169,6 +206,49 @@ def _invite_from_cucm(req: Request, policy: Policy) -> Decision:
 def sbc_contact(policy: Policy) -> str:
     """The SBC's own URI toward Microsoft: Microsoft answers 403 to a Contact with an IP (§1.4)."""
     return f"sip:{policy.sbc.fqdn}:{policy.sbc.external.port};transport=tls"
+
+
+# The SBC hides CUCM's Via from Microsoft; one that does not name the address it came from cannot be
+# hidden (topology.via_hides_cleanly) and is refused rather than leaked.
+VIA_REFUSED = Respond(400, "Bad Request (top Via must name the address the request came from)")
+
+# Record-Route parameter of dialogs CUCM started: their Call-ID is masked toward Microsoft.
+MASKED_DIALOG_PARAM = "mcid"
+
+
+def _hide_request(
+    req: Request,
+    policy: Policy,
+    *,
+    mask_call_id: bool,
+    remove: tuple[str, ...] = (),
+    add: tuple[str, ...] = (),
+) -> tuple[HeaderEdits, str]:
+    """A request from CUCM made fit for Microsoft's eyes; returns the edits and the Via lines to stash."""
+    hide = topology.toward_microsoft(req.headers, policy, user_agent_header="User-Agent")
+    removed = [*remove, *hide.remove, "Via"]
+    added = [*add, *hide.add]
+    if mask_call_id:
+        removed.append("Call-ID")
+        added.append(f"Call-ID: {topology.masker(policy).mask(req.call_id)}")
+    contact = _masked_contact(req.headers, policy)
+    if contact:
+        removed.append("Contact")
+        added.append(contact)
+    return HeaderEdits(tuple(dict.fromkeys(removed)), tuple(added)), topology.hidden_vias(req.headers)
+
+
+def _masked_contact(headers: tuple[tuple[str, str], ...], policy: Policy) -> str | None:
+    """The SBC's own Contact carrying CUCM's, encrypted (restored from in-dialog Request-URIs)."""
+    found = topology.values(headers, "contact")
+    if not found:
+        return None
+    token = topology.masker(policy).mask(topology.contact_uri(found[0]))
+    return f"Contact: <{sbc_contact(policy)};{CONTACT_PARAM}={token}>"
+
+
+# The Contact parameter carrying CUCM's masked Contact (the adapter restores the Request-URI from it).
+CONTACT_PARAM = "kemi"
 
 
 def _removed_toward_microsoft(policy: Policy) -> tuple[str, ...]:
@@ -189,7 +269,7 @@ def _added_toward_microsoft(policy: Policy) -> tuple[str, ...]:
 
 def _offer_to_microsoft(req: Request, policy: Policy) -> Media:
     ms = policy.microsoft
-    edited = disable_media(req.sdp, ms.allowed_media)
+    edited = anonymous_origin(disable_media(req.sdp, ms.allowed_media))
     flags = (*ms.offer_flags, *codec_flags(ms.codecs))
     if ms.hold == "inactive":
         edited = hold_as_inactive(edited)
@@ -217,12 +297,6 @@ def _destination(proxy: Proxy) -> str:
     return f"sip:{proxy.address or proxy.fqdn}:{proxy.port};transport=tls"
 
 
-def _inbound_rr(req: Request, policy: Policy) -> str:
-    internal = policy.sbc.internal
-    suffix = ";transport=tcp" if req.transport is Transport.TCP else ""
-    return f"{internal.name or internal.address}:{internal.port}{suffix};r2=on"
-
-
 def _in_dialog(req: Request, policy: Policy) -> Decision:
     if not req.routed_to_us:
         if req.method is Method.ACK:
@@ -230,11 +304,23 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
         # RFC 3261 §16.4 would have us route by Request-URI; an SBC only relays dialogs it recorded.
         return Respond(404, "Not Here")
     toward_microsoft = req.side is Side.CUCM
+    if toward_microsoft and not topology.via_hides_cleanly(req.headers, req.source_ip):
+        return Drop("ACK whose Via cannot be hidden") if req.method is Method.ACK else VIA_REFUSED
     media = _in_dialog_media(req, policy, toward_microsoft)
     late_offer = req.method is Method.INVITE and not req.has_sdp
     if not toward_microsoft:
-        return RelayInDialog(media=media, destination=None, advertise=None, late_offer=late_offer)
-    refresh = req.method in (Method.INVITE, Method.UPDATE)
+        plain = topology.masker(policy).unmask(req.call_id)
+        if plain is None:
+            return RelayInDialog(media=media, destination=None, advertise=None, late_offer=late_offer)
+        return RelayInDialog(
+            media=_with_call_id(media, plain),
+            destination=None,
+            advertise=None,
+            late_offer=late_offer,
+            edits=HeaderEdits(("Call-ID",), (f"Call-ID: {plain}",)),
+            mask_replies=True,
+        )
+    edits, stash = _hide_request(req, policy, mask_call_id=req.masked_dialog)
     known = next((p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower()), None)
     pinned = known if known is not None and known.address else None
     return RelayInDialog(
@@ -242,7 +328,8 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
         destination=_destination(pinned) if pinned else None,
         advertise=(policy.sbc.fqdn, policy.sbc.external.port),
         late_offer=late_offer,
-        encode_contact=sbc_contact(policy) if refresh else None,
+        edits=edits,
+        stash=stash,
         tls_server_id=known.fqdn if known else None,
     )
 
@@ -259,9 +346,18 @@ def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Me
         sdp = _toward_cucm(req.sdp, policy)
         return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
     if req.method is Method.ACK:
-        flags = DEFAULT_ANSWER_TO_MICROSOFT if toward_microsoft else ms.answer_flags
-        return Media(MediaAction.ANSWER, flag_string(flags))
+        if toward_microsoft:
+            return _answer_to_microsoft(req.sdp)
+        return Media(MediaAction.ANSWER, flag_string(ms.answer_flags))
     return None
+
+
+def _answer_to_microsoft(sdp: str) -> Media:
+    """CUCM's answer to an offer Microsoft made, its product name taken out of o=."""
+    edited = anonymous_origin(sdp)
+    return Media(
+        MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT), edited if edited != sdp else None
+    )
 
 
 def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = False) -> ReplyAction:
@@ -271,18 +367,65 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = 
     re-INVITE leaves the call up, so its media session must survive. `late_offer` marks a re-INVITE
     sent without SDP: its 2xx carries the offer (RFC 3264 §4 via RFC 3261 §13.2.1), answered in the ACK.
     """
+    edits = _reply_edits(reply, policy, initial=initial)
     if reply.cseq_method is not Method.INVITE and reply.cseq_method is not Method.UPDATE:
-        return ReplyAction(None)
+        return ReplyAction(None, edits)
     if reply.status >= 300:
         # A failed initial INVITE may still fail over: the failure route releases the media.
-        return ReplyAction(None)
+        return ReplyAction(None, edits)
     if reply.status < 101:
-        return ReplyAction(None)
+        return ReplyAction(None, edits)
     provisional = initial and reply.status < 200 and reply.side is Side.MICROSOFT
-    # A 1xx/2xx from CUCM goes to Microsoft: its Contact (a CUCM address) is hidden behind ours.
-    contact = sbc_contact(policy) if reply.side is Side.CUCM else None
     media = _reply_media(reply, policy, late_offer) if reply.has_sdp else None
-    return ReplyAction(media, contact, provisional)
+    if reply.side is Side.MICROSOFT:
+        media = _with_call_id(media, topology.masker(policy).unmask(reply.call_id))
+    return ReplyAction(media, edits, provisional)
+
+
+def _with_call_id(media: Media | None, call_id: str | None) -> Media | None:
+    """rtpengine keys sessions by the Call-ID it first saw (CUCM's): name it when Microsoft's
+    message carries the masked one."""
+    if media is None or call_id is None:
+        return media
+    return Media(media.action, f"{media.flags} call-id={call_id}".strip(), media.sdp)
+
+
+def _reply_edits(reply: Reply, policy: Policy, *, initial: bool) -> HeaderEdits:
+    """Toward Microsoft: CUCM's network hidden. Toward CUCM: what was hidden on the request put back."""
+    masker = topology.masker(policy)
+    if reply.side is Side.MICROSOFT:
+        if not reply.stash:
+            return NO_EDITS
+        remove: list[str] = []
+        add: list[str] = []
+        plain = masker.unmask(reply.call_id)
+        if plain is not None:
+            remove.append("Call-ID")
+            add.append(f"Call-ID: {plain}")
+        if initial:
+            tcp = "/TCP " in reply.stash.split("\r\n", 1)[0].upper()
+            internal = topology.internal_record_route(reply.headers, policy, transport_tcp=tcp)
+            if internal:
+                add.append(f"Record-Route: {internal}")
+        vias = tuple(line for line in reply.stash.split("\r\n") if line)
+        return HeaderEdits(tuple(remove), tuple(add), vias)
+    if reply.side is not Side.CUCM:
+        return NO_EDITS
+    hide = topology.toward_microsoft(reply.headers, policy, user_agent_header="Server")
+    remove = list(hide.remove)
+    add = list(hide.add)
+    routes = topology.record_routes_toward_microsoft(reply.headers, policy)
+    if routes is not None:
+        remove.append("Record-Route")
+        add += [f"Record-Route: {r}" for r in routes]
+    contact = _masked_contact(reply.headers, policy)
+    if contact:
+        remove.append("Contact")
+        add.append(contact)
+    if reply.mask_call_id:
+        remove.append("Call-ID")
+        add.append(f"Call-ID: {masker.mask(reply.call_id)}")
+    return HeaderEdits(tuple(dict.fromkeys(remove)), tuple(add))
 
 
 def keepalive_targets(policy: Policy) -> tuple[tuple[str, str], ...]:
@@ -318,8 +461,9 @@ def _reply_media(reply: Reply, policy: Policy, late_offer: bool) -> Media:
         if from_microsoft:
             sdp = _toward_cucm(reply.sdp, policy)
             return Media(MediaAction.OFFER, flag_string(_offer_to_cucm(policy)), sdp)
-        return Media(MediaAction.OFFER, flag_string(ms.offer_flags))
+        edited = anonymous_origin(reply.sdp)
+        return Media(MediaAction.OFFER, flag_string(ms.offer_flags), edited if edited != reply.sdp else None)
     if from_microsoft:
         sdp = _toward_cucm(reply.sdp, policy)
         return Media(MediaAction.ANSWER, flag_string(ms.answer_flags), sdp)
-    return Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT))
+    return _answer_to_microsoft(reply.sdp)

@@ -20,6 +20,7 @@ from kemi_o365.lab.ms_peer import Call, MicrosoftPeer
 from kemi_o365.lab.sipp import SippProcess, free_port, parse_message_trace, start_sipp
 from kemi_o365.policy.model import Policy
 from kemi_o365.sipmsg import SipMessage
+from kemi_o365.topology import masker
 
 CUCM_TONE_HZ = 1000.0
 MICROSOFT_TONE_HZ = 1800.0
@@ -182,7 +183,8 @@ def run_media_call(
         ) as sipp,
     ):
         answer = wait_for_answer(sipp, timeout=10)
-        call_id = answer.get("Call-ID")
+        # Microsoft knows the call by its masked Call-ID (topology hiding).
+        call_id = masker(policy).mask(answer.get("Call-ID"))
         invite = _invite_at(peer, call_id, timeout=5)
         call = _answered_call(peer, call_id, timeout=5)
         assert call.media_sock is not None

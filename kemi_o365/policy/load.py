@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -22,8 +23,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT
 from kemi_o365.policy.errors import PolicyError, Problem
 from kemi_o365.policy.model import (
+    DEFAULT_DROP_HEADERS,
+    DEFAULT_REWRITE_HOST,
+    DEFAULT_USER_AGENT,
     Cucm,
     ExternalSide,
+    FloodLimit,
     InternalSide,
     KamailioSettings,
     Microsoft,
@@ -35,7 +40,9 @@ from kemi_o365.policy.model import (
     Rtpengine,
     Sbc,
     TlsFiles,
+    TopologyHiding,
     Transport,
+    header_glob,
 )
 
 T = TypeVar("T")
@@ -245,7 +252,9 @@ def _readable_file(r: _Reader) -> Callable[[Node], Path]:
 
 
 def _sbc(r: _Reader, node: Node | None) -> Sbc:
-    m = r.mapping(node, "sbc", {"fqdn": True, "tls": True, "internal": True, "external": True})
+    m = r.mapping(
+        node, "sbc", {"fqdn": True, "tls": True, "internal": True, "external": True, "flood_limit": False}
+    )
     tls = r.mapping(m.get("tls"), "sbc.tls", {"certificate": True, "private_key": True, "ca": True})
     rf = _readable_file(r)
     nowhere = Path("/nonexistent")
@@ -283,6 +292,22 @@ def _sbc(r: _Reader, node: Node | None) -> Sbc:
             ),
             tls_versions=_tls_versions(r, external.get("tls_versions")),
         ),
+        flood_limit=_flood_limit(r, m.get("flood_limit")),
+    )
+
+
+def _flood_limit(r: _Reader, node: Node | None) -> FloodLimit:
+    m = r.mapping(node, "sbc.flood_limit", {"requests": False, "per_seconds": False, "ban_seconds": False})
+    d = FloodLimit()
+
+    def within(low: int, high: int) -> Callable[[Node], int]:
+        return lambda n: _integer(n, low, high)
+
+    key = "sbc.flood_limit"
+    return FloodLimit(
+        requests=r.field(m.get("requests"), f"{key}.requests", within(1, 100000), d.requests),
+        per_seconds=r.field(m.get("per_seconds"), f"{key}.per_seconds", within(1, 60), d.per_seconds),
+        ban_seconds=r.field(m.get("ban_seconds"), f"{key}.ban_seconds", within(1, 86400), d.ban_seconds),
     )
 
 
@@ -321,7 +346,9 @@ def _tls_versions(r: _Reader, node: Node | None) -> tuple[str, ...]:
 
 
 def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
-    m = r.mapping(node, "rtpengine", {"control": True, "port_min": False, "port_max": False})
+    m = r.mapping(
+        node, "rtpengine", {"control": True, "port_min": False, "port_max": False, "endpoint_learning": False}
+    )
     ctl = r.mapping(m.get("control"), "rtpengine.control", {"address": True, "port": True})
     known = len(r.problems)
     port_min = r.field(m.get("port_min"), "rtpengine.port_min", lambda n: _integer(n, 1024, 65535), 30000)
@@ -333,7 +360,17 @@ def _rtpengine(r: _Reader, node: Node | None) -> Rtpengine:
         control_port=r.field(ctl.get("port"), "rtpengine.control.port", _port, 22222),
         port_min=port_min,
         port_max=port_max,
+        endpoint_learning=r.field(
+            m.get("endpoint_learning"), "rtpengine.endpoint_learning", _endpoint_learning, "off"
+        ),
     )
+
+
+def _endpoint_learning(node: Node) -> str:
+    value = _string(node)
+    if value not in ("heuristic", "delayed", "immediate", "off"):
+        raise _Invalid(f"expected heuristic, delayed, immediate or off, got {value!r}")
+    return value
 
 
 def _port_range(r: _Reader, m: dict[str, Node], port_min: int, port_max: int) -> None:
@@ -564,6 +601,87 @@ def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
     )
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!%*_+`'~.-]+")
+# Never configurable: the SIP core of the call. Via, Call-ID, Contact and Record-Route are hidden
+# by kemi_o365.topology itself; dropping any of these would break the call, not hide it.
+_CORE_HEADERS = frozenset(
+    {
+        "via",
+        "call-id",
+        "contact",
+        "record-route",
+        "route",
+        "from",
+        "to",
+        "cseq",
+        "max-forwards",
+        "content-type",
+        "content-length",
+        "v",
+        "i",
+        "m",
+        "f",
+        "t",
+        "c",
+        "l",
+    }
+)
+
+
+def _header_name(node: Node) -> str:
+    value = _string(node).lower()
+    if not _HEADER_NAME.fullmatch(value):
+        raise _Invalid(f"expected a header name (letters, digits, '-', '*' as wildcard), got {value!r}")
+    if value in _CORE_HEADERS or (
+        value.endswith("*") and any(h.startswith(value[:-1]) for h in _CORE_HEADERS)
+    ):
+        raise _Invalid(f"{value!r} is part of the SIP dialog and cannot be dropped or rewritten")
+    return value
+
+
+def _topology(r: _Reader, node: Node | None, private_key: Path) -> TopologyHiding:
+    m = r.mapping(
+        node, "topology_hiding", {"drop_headers": False, "rewrite_host": False, "user_agent": False}
+    )
+    drop = r.items(m.get("drop_headers"), "topology_hiding.drop_headers", _header_name)
+    if m.get("drop_headers") is None:
+        drop = DEFAULT_DROP_HEADERS
+    rewrite = r.items(m.get("rewrite_host"), "topology_hiding.rewrite_host", _header_name)
+    if m.get("rewrite_host") is None:
+        rewrite = DEFAULT_REWRITE_HOST
+    both = sorted(set(drop) & set(rewrite))
+    if both:
+        r.problem(
+            m.get("rewrite_host"), "topology_hiding.rewrite_host", f"{both[0]!r} is also in drop_headers"
+        )
+    agent: str | None = DEFAULT_USER_AGENT
+    if "user_agent" in m:
+        # null keeps CUCM's own User-Agent/Server (some operators want Microsoft to see the PBX).
+        agent = (
+            None
+            if _scalar(m["user_agent"]) is None
+            else r.field(m.get("user_agent"), "topology_hiding.user_agent", _header_value, DEFAULT_USER_AGENT)
+        )
+    return TopologyHiding(
+        key=_masking_key(private_key),
+        drop=header_glob(drop),
+        drop_names=drop,
+        rewrite_host=frozenset(rewrite),
+        user_agent=agent,
+    )
+
+
+def _masking_key(private_key: Path) -> bytes:
+    """64 bytes (MAC and stream keys of topology.Masker) derived from the SBC's private key: the same
+    in every worker and after a restart, as secret as the key itself, and no extra file to deploy.
+    BLAKE2b, not OpenSSL's hashes: see topology.Masker."""
+    try:
+        material = private_key.read_bytes()
+    except OSError:
+        material = b""  # already reported as sbc.tls.private_key
+    return hashlib.blake2b(material, digest_size=64, person=b"kemi-o365 topo").digest()
+
+
 def _cross_checks(r: _Reader, policy: Policy) -> None:
     sbc = policy.sbc
     if sbc.internal.address == sbc.external.address and sbc.internal.port == sbc.external.port:
@@ -614,16 +732,26 @@ def parse_policy(text: str, source: Path) -> Policy:
     top = r.mapping(
         root,
         "",
-        {"version": True, "sbc": True, "rtpengine": True, "cucm": True, "microsoft": True, "kamailio": False},
+        {
+            "version": True,
+            "sbc": True,
+            "rtpengine": True,
+            "cucm": True,
+            "microsoft": True,
+            "kamailio": False,
+            "topology_hiding": False,
+        },
     )
     version = r.field(top.get("version"), "version", _version, 1)
+    sbc = _sbc(r, top.get("sbc"))
     policy = Policy(
         source=source.absolute(),
-        sbc=_sbc(r, top.get("sbc")),
+        sbc=sbc,
         rtpengine=_rtpengine(r, top.get("rtpengine")),
         cucm=_cucm(r, top.get("cucm")),
         microsoft=_microsoft(r, top.get("microsoft")),
         kamailio=_kamailio(r, top.get("kamailio")),
+        topology=_topology(r, top.get("topology_hiding"), sbc.tls.private_key),
     )
     del version  # only one schema version exists; the key is required so the next one can be told apart
     if not r.problems:

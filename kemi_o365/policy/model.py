@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -68,12 +68,24 @@ class ExternalSide:
 
 
 @dataclass(frozen=True)
+class FloodLimit:
+    """Sources the policy does not know (anything but CUCM on the CUCM side) are limited by pike."""
+
+    requests: int = 16
+    per_seconds: int = 2
+    """More than `requests` in `per_seconds` (pike's sampling unit) from one address is a flood..."""
+    ban_seconds: int = 300
+    """...and that address is then ignored (no answer at all) for this long."""
+
+
+@dataclass(frozen=True)
 class Sbc:
     fqdn: str
     """The SBC's public DNS name: certificate subject, Record-Route/Via toward Microsoft."""
     tls: TlsFiles
     internal: InternalSide
     external: ExternalSide
+    flood_limit: FloodLimit = FloodLimit()
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,10 @@ class Rtpengine:
     port_min: int
     """First UDP port rtpengine relays media on."""
     port_max: int
+    endpoint_learning: str = "off"
+    """rtpengine --endpoint-learning. "off": media is taken only from the address and port each SDP
+    gave (strict-source drops the rest from the first packet); "heuristic" learns in the first
+    seconds, for peers behind NAT, and lets anything through while it learns."""
     """Last UDP port rtpengine relays media on (4 ports per concurrent call)."""
 
 
@@ -183,6 +199,37 @@ class Microsoft:
         return False
 
 
+# Cisco's own headers name CUCM, its devices and addresses; Microsoft ignores them.
+DEFAULT_DROP_HEADERS = ("remote-party-id", "call-info", "cisco-guid", "x-cisco-*", "p-preferred-identity")
+# Identity headers Microsoft may read: the user part stays, the host becomes the SBC FQDN.
+DEFAULT_REWRITE_HOST = ("p-asserted-identity", "diversion", "referred-by", "history-info")
+DEFAULT_USER_AGENT = "kemi-o365"
+
+
+def header_glob(names: tuple[str, ...]) -> re.Pattern[str]:
+    """Lower-case header names with '*' wildcards as one pattern (compiled once, at load)."""
+    parts = [re.escape(n.lower()).replace(r"\*", ".*") for n in names]
+    return re.compile("|".join(parts) if parts else "(?!)")
+
+
+_DEFAULT_DROP = header_glob(DEFAULT_DROP_HEADERS)
+
+
+@dataclass(frozen=True)
+class TopologyHiding:
+    """What of CUCM's side never reaches Microsoft (kemi_o365.topology does the work)."""
+
+    key: bytes = field(repr=False)
+    """Key masking Call-IDs and CUCM's Contact (topology.Masker), derived from the SBC's private key."""
+    drop: re.Pattern[str] = _DEFAULT_DROP
+    """Headers removed toward Microsoft (lower-case names, wildcards)."""
+    drop_names: tuple[str, ...] = DEFAULT_DROP_HEADERS
+    rewrite_host: frozenset[str] = frozenset(DEFAULT_REWRITE_HOST)
+    """Headers whose sip: URIs get the SBC FQDN as host toward Microsoft."""
+    user_agent: str | None = DEFAULT_USER_AGENT
+    """User-Agent/Server toward Microsoft instead of CUCM's (product and version); None keeps it."""
+
+
 @dataclass(frozen=True)
 class KamailioSettings:
     children: int
@@ -203,5 +250,6 @@ class Policy:
     cucm: Cucm
     microsoft: Microsoft
     kamailio: KamailioSettings
+    topology: TopologyHiding
     warnings: tuple[str, ...] = ()
     """Legal but risky settings, shown by `policy check` (e.g. TLS older than 1.2)."""

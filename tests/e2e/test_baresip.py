@@ -83,6 +83,10 @@ def test_baresip_as_microsoft_hears_cucm_and_cucm_hears_baresip(tmp_path: Path) 
     # baresip sends RTP to the c= address of the SBC's offer; the advertised (NAT) address is not
     # routable in the loopback lab, so offer the external interface itself.
     data["sbc"]["external"].pop("advertised_address", None)
+    # baresip's RTP socket is bound to any address: its packets leave from 127.0.0.1 while its SDP
+    # says 127.0.0.3, a peer behind NAT as far as rtpengine can tell. "off" (the default) drops
+    # them under strict-source; "heuristic" learns the real source in the first seconds.
+    data["rtpengine"]["endpoint_learning"] = "heuristic"
     # baresip puts TLS on sip_listen's port + 1: pick a port whose predecessor is free too.
     data["microsoft"]["proxies"][0]["port"] = free_tls_port("127.0.0.3")
     policy, pki = start_lab(tmp_path, data)

@@ -16,6 +16,7 @@ from kemi_o365 import rtpengine_ng
 from kemi_o365.lab.demo import SCENARIOS, CallOutcome, place_seed_call, wait_rtpengine_empty
 from kemi_o365.lab.sipp import start_sipp
 from kemi_o365.sipmsg import SipMessage, header_param, uri_host, uri_of
+from kemi_o365.topology import masker
 from tests.e2e.conftest import Lab, lab_policy_data, running_lab
 
 pytestmark = pytest.mark.e2e
@@ -76,10 +77,21 @@ def test_invite_arrives_over_mutual_tls_with_the_sbc_certificate(lab: Lab, seed_
     assert first.conn.sni == lab.policy.microsoft.proxies[0].fqdn  # SNI names the Microsoft proxy
     invite = first.msg
     assert invite.get("Via").startswith(f"SIP/2.0/TLS {lab.policy.sbc.fqdn}:{lab.policy.sbc.external.port};")
+    # One Record-Route toward Microsoft: the SBC's internal entry is for CUCM's eyes only.
     rr = invite.get_all("Record-Route")
+    assert len(rr) == 1, rr
+    assert f"sip:{lab.policy.sbc.fqdn}:{lab.policy.sbc.external.port};transport=tls" in rr[0]
+    assert ";r2=on" in rr[0] and ";lr" in rr[0]
+
+
+def test_cucm_records_both_sbc_routes(lab: Lab, seed_call: CallOutcome) -> None:
+    answer = seed_call.answer_at_cucm()
+    assert answer is not None
+    internal = lab.policy.sbc.internal
+    rr = [e for v in answer.get_all("Record-Route") for e in v.split(",")]
+    # Microsoft's route set ends with the SBC's external entry; CUCM's gets the internal one after it.
     assert len(rr) == 2, rr
     assert f"sip:{lab.policy.sbc.fqdn}:{lab.policy.sbc.external.port};transport=tls" in rr[0]
-    internal = lab.policy.sbc.internal
     assert f"sip:{internal.address}:{internal.port};transport=tcp" in rr[1]
     assert all(";r2=on" in r and ";lr" in r for r in rr)
 
@@ -121,7 +133,10 @@ def test_microsoft_hangs_up_and_bye_reaches_cucm(lab: Lab) -> None:
     ) as sipp:
         invite = lab.peer.wait_for(lambda r: r.msg.is_request and r.msg.method == "ACK", timeout=10)
         rtp = lab.policy.rtpengine
-        assert rtpengine_ng.list_calls(rtp.control_address, rtp.control_port) == [invite.msg.get("Call-ID")]
+        # rtpengine knows the call by CUCM's Call-ID; Microsoft by its masked form (topology hiding).
+        cucm_call_id = masker(lab.policy).unmask(invite.msg.get("Call-ID"))
+        assert cucm_call_id is not None
+        assert rtpengine_ng.list_calls(rtp.control_address, rtp.control_port) == [cucm_call_id]
         final = lab.peer.hangup(invite.msg.get("Call-ID"))
         result = sipp.wait(20)
     assert final.status == 200

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kemi_o365 import kemi, ksr_adapter
+from kemi_o365 import kemi, ksr_adapter, topology
 from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT, flag_string
 from kemi_o365.policy.model import Policy
 from tests.helpers import lab_policy
@@ -42,11 +42,29 @@ MS_SDP_STRIPPED = (
     "m=audio 54532 RTP/SAVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
 )
 
+# CUCM's headers as $msg(hdrs) shows them: every one of them names CUCM's network somewhere.
+CUCM_HEADERS = (
+    "INVITE sip:87000@pstn-o365.example.com SIP/2.0\r\n"
+    "Via: SIP/2.0/TCP 127.0.0.4:26012;branch=z9hG4bK-1\r\n"
+    'From: "10048" <sip:10048@127.0.0.4>;tag=94213\r\n'
+    "To: <sip:87000@pstn-o365.example.com>\r\n"
+    f"Call-ID: {CALL_ID}\r\n"
+    "CSeq: 101 INVITE\r\n"
+    "Contact: <sip:10048@127.0.0.4:26012;transport=tcp>\r\n"
+    "User-Agent: Cisco-CUCM9.1\r\n"
+    'P-Asserted-Identity: "10048" <sip:10048@127.0.0.4>\r\n'
+    "Remote-Party-ID: <sip:10048@127.0.0.4>;party=calling\r\n"
+    'Call-Info: <sip:127.0.0.4:26012>;method="NOTIFY"\r\n'
+    "Cisco-Guid: 3357373952-0000065536\r\n"
+    "Max-Forwards: 70\r\n"
+)
+
 # What read_request fetches from Kamailio for an initial INVITE with SDP; their order is not part of
 # the contract, their presence is.
 REQUEST_READS = Counter(
     {
-        "pv.gete": 8,  # $Ri $rb $pr $rm $rU $rd $fU $si ($rb: the request has a body)
+        # $Ri $rb $pr $rm $rU $rd $fU $si $ci, and $msg(hdrs) from CUCM (topology hiding)
+        "pv.gete": 10,
         "pv.geti": 2,  # $Rp $sp
         "siputils.has_totag": 1,
         "textops.has_body_type": 1,
@@ -104,6 +122,8 @@ def script_request(
             "$rU": ruri_user,
             "$rd": ruri_host,
             "$ci": CALL_ID,
+            "$fU": "10048",
+            "$msg(hdrs)": CUCM_HEADERS if cucm else "",
             # Microsoft's side is mutual TLS: its certificate names the Microsoft proxy.
             "$tls_peer_subject_cn": "" if cucm else MS_FQDN,
             "$tls_peer_san_hostname": "" if cucm else MS_FQDN,
@@ -158,6 +178,7 @@ def actions(ksr: KsrDouble) -> list[Call]:
         "siputils.has_totag",
         "textops.has_body_type",
         "rr.loose_route",
+        "rr.check_route_param",
         "tls.is_peer_verified",
         "tm.t_is_canceled",
         "warn",  # refusal log lines; test_refusals_are_logged checks them
@@ -185,9 +206,15 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     assert rc == 1
     assert type(rc) is int
     names = ksr.names()
-    assert ksr.calls[0] == ("sanity.sanity_check", (17895, 7))
+    # Who sent it, on which listener; CUCM is a known source, so pike is not asked; then sanity.
+    assert ksr.calls[:4] == [
+        ("pv.gete", ("$Ri",)),
+        ("pv.geti", ("$Rp",)),
+        ("pv.gete", ("$si",)),
+        ("sanity.sanity_check", (18407, 7)),
+    ]
     first_action = names.index("tmx.t_precheck_trans")
-    reads = Counter(names[1:first_action])
+    reads = Counter(names[4:first_action])
     assert reads == REQUEST_READS, reads
     assert "rr.loose_route" not in names  # an initial request: no Route of ours to consume
     # The transaction checks, then everything that shapes the request, then the relay, in this order.
@@ -195,17 +222,14 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
         ("tmx.t_precheck_trans", ()),
         ("tm.t_check_trans", ()),
         ("maxfwd.process_maxfwd", (70,)),
-        ("pv.gete", ("$rb",)),
-        ("pv.sets", ("$var(kemi_o365_sdp)", CUCM_SDP)),
+        # o= without CUCM's product name (topology hiding), handed to rtpengine as the body to read.
+        ("pv.sets", ("$var(kemi_o365_sdp)", CUCM_SDP.replace("o=CiscoSystemsCCM-SIP ", "o=- "))),
         ("rtpengine.rtpengine_offer", (flag_string(DEFAULT_OFFER_TO_MICROSOFT),)),
-        (
-            "rr.record_route_preset",
-            (f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;transport=tcp;r2=on"),
-        ),
         ("uac.uac_replace_to_uri", (f"sip:87000@{MS_FQDN}",)),
-        # CUCM's Contact leaves only Base64URL-encoded inside the SBC's own FQDN URI (Teams: 403 on IPs).
-        ("siputils.contact_param_encode", ("kemi", f"sip:{SBC_FQDN}:5061;transport=tls")),
-        ("hdr.remove", ("Replaces",)),
+        ("uac.uac_replace_from_uri", (f"sip:10048@{SBC_FQDN}",)),
+        # One Record-Route entry: the internal one never reaches Microsoft.
+        ("rr.record_route_preset_one", (f"{SBC_FQDN}:5061;transport=tls;r2=on;mcid",)),
+        *HIDING,
         ("seturi", (f"sip:87000@{MS_FQDN}:5061;transport=tls",)),
         # The dispatcher picks the healthy proxy with the highest priority as the next hop.
         ("dispatcher.ds_select_dst", (1, 8)),
@@ -225,14 +249,68 @@ def test_seed_invite_from_cucm(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     assert errors(ksr) == []
 
 
-def test_seed_invite_over_udp_records_a_route_without_transport(
-    ksr: KsrDouble, handler: kemi.Kamailio
-) -> None:
+def _hiding_calls() -> list[Call]:
+    masker = topology.Masker(topology_key())
+    return [
+        ("hdr.remove", ("Replaces",)),
+        ("hdr.remove", ("User-Agent",)),
+        ("hdr.remove", ("P-Asserted-Identity",)),
+        ("hdr.remove", ("Remote-Party-ID",)),
+        ("hdr.remove", ("Call-Info",)),
+        ("hdr.remove", ("Cisco-Guid",)),
+        ("hdr.remove", ("Via",)),
+        ("hdr.remove", ("Call-ID",)),
+        ("hdr.remove", ("Contact",)),
+        ("hdr.append", (f'P-Asserted-Identity: "10048" <sip:10048@{SBC_FQDN}>\r\n',)),
+        ("hdr.append", ("User-Agent: kemi-o365\r\n",)),
+        ("hdr.append", (f"Call-ID: {masker.mask(CALL_ID)}\r\n",)),
+        (
+            "hdr.append",
+            (
+                f"Contact: <sip:{SBC_FQDN}:5061;transport=tls;kemi="
+                f"{masker.mask('sip:10048@127.0.0.4:26012;transport=tcp')}>\r\n",
+            ),
+        ),
+        # CUCM's Via waits with the transaction, for the replies.
+        ("pv.sets", ("$avp(kemi_o365_via)", "Via: SIP/2.0/TCP 127.0.0.4:26012;branch=z9hG4bK-1\r\n")),
+    ]
+
+
+_KEY: list[bytes] = []
+
+
+def topology_key() -> bytes:
+    return _KEY[0]
+
+
+@pytest.fixture(autouse=True)
+def _remember_key(policy: Policy) -> None:
+    _KEY[:] = [policy.topology.key]
+
+
+class _Hiding:
+    """The hiding calls, built when compared (the key comes from the test's policy)."""
+
+    def __init__(self, *, initial: bool) -> None:
+        self.initial = initial
+
+    def __iter__(self) -> Iterator[Call]:
+        calls = _hiding_calls()
+        # Replaces is Microsoft's rule for initial INVITEs only.
+        return iter(calls if self.initial else calls[1:])
+
+
+HIDING = _Hiding(initial=True)
+IN_DIALOG_HIDING = _Hiding(initial=False)
+
+
+def test_nothing_of_cucm_leaves_toward_microsoft(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
-    ksr.vars["$pr"] = "udp"
     handler.ksr_request_route(None)
-    presets = [args for name, args in ksr.calls if name == "rr.record_route_preset"]
-    assert presets == [(f"{SBC_FQDN}:5061;transport=tls;r2=on", "127.0.0.1:5060;r2=on")]
+    written = " ".join(str(a) for name, args in ksr.calls if name in ("hdr.append", "seturi") for a in args)
+    assert "127.0.0.4" not in written and "Cisco" not in written
+    removed = {args[0] for name, args in ksr.calls if name == "hdr.remove"}
+    assert {"Via", "Call-ID", "Contact", "Remote-Party-ID", "Call-Info", "Cisco-Guid"} <= removed
 
 
 def test_unreachable_microsoft_is_503_after_trying_each_proxy_once(
@@ -266,7 +344,43 @@ def test_insane_request_stops_at_sanity(ksr: KsrDouble, handler: kemi.Kamailio) 
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
     ksr.returns["sanity.sanity_check"] = -1
     assert handler.ksr_request_route(None) == 1
-    assert ksr.calls == [("sanity.sanity_check", (17895, 7))]
+    assert ksr.calls[-1] == ("sanity.sanity_check", (18407, 7))
+    assert "sl.sl_send_reply" not in ksr.names()  # sanity answered it itself
+
+
+def test_a_stranger_is_counted_by_pike_and_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$si"] = "127.0.0.9"
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr)[:3] == [
+        ("htable.sht_gete", ("ipban", "127.0.0.9")),
+        ("pike.pike_check_req", ()),
+        ("sl.sl_send_reply", (403, "Forbidden")),
+    ]
+
+
+def test_a_flooding_stranger_is_banned_and_gets_no_answer(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$si"] = "127.0.0.9"
+    ksr.returns["pike.pike_check_req"] = -2  # pike: over the limit
+    assert handler.ksr_request_route(None) == 1
+    assert ("htable.sht_setxi", ("ipban", "127.0.0.9", 1, 300)) in ksr.calls
+    assert not {"sl.sl_send_reply", "sl.send_reply", "sanity.sanity_check"} & set(ksr.names())
+    (log,) = [args[0] for name, args in ksr.calls if name == "warn"]
+    assert log == "kemi-o365: flood from 127.0.0.9: no answers to it for 300 s\n"
+    # While banned, nothing is asked of pike and nothing is answered.
+    ksr.reset()
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+    ksr.vars["$si"] = "127.0.0.9"
+    ksr.returns["htable.sht_gete"] = "1"
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("htable.sht_gete", ("ipban", "127.0.0.9"))]
+
+
+def test_microsoft_side_is_not_counted_by_pike(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "OPTIONS", side="microsoft", ruri_host="127.0.0.2")
+    assert handler.ksr_request_route(None) == 1
+    assert "pike.pike_check_req" not in ksr.names()
 
 
 # --- (b) rtpengine refuses the offer -------------------------------------------------------------------
@@ -289,7 +403,7 @@ def test_rtpengine_failure_answers_503_and_does_not_relay(
     ]
     assert ksr.names()[-2:] == ["pv.gete", "err"]  # the Call-ID is read for the log line
     assert "tm.t_relay" not in ksr.names()
-    assert "rr.record_route_preset" not in ksr.names()
+    assert "rr.record_route_preset_one" not in ksr.names()
     (message,) = errors(ksr)
     assert CALL_ID in message
     assert "rtpengine_offer" in message
@@ -321,7 +435,7 @@ def test_unknown_listener_is_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> 
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
     ksr.vars["$Rp"] = 5080
     assert handler.ksr_request_route(None) == 1
-    assert actions(ksr) == [("sl.sl_send_reply", (403, "Forbidden"))]
+    assert actions(ksr)[-1] == ("sl.sl_send_reply", (403, "Forbidden"))
 
 
 def test_delayed_offer_is_refused_488(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
@@ -428,16 +542,19 @@ def test_rtpengine_answer_failure_is_logged_not_raised(ksr: KsrDouble, handler: 
 
 def test_bye_from_cucm_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
+    ksr.returns["rr.check_route_param"] = 1  # a dialog CUCM started: Microsoft knows its Call-ID masked
 
     assert handler.ksr_request_route(None) == 1
 
     names = ksr.names()
     assert names.index("siputils.has_totag") < names.index("rr.loose_route")
+    assert names.index("rr.loose_route") < names.index("rr.check_route_param")
     assert after(ksr, "tmx.t_precheck_trans") == [
         ("tmx.t_precheck_trans", ()),
         ("tm.t_check_trans", ()),
         ("maxfwd.process_maxfwd", (70,)),
         ("rtpengine.rtpengine_delete0", ()),
+        *IN_DIALOG_HIDING,
         ("tls.set_connect_server_id", (MS_FQDN,)),
         ("pv.sets", ("$xavp(tls=>server_name)", MS_FQDN)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
@@ -466,9 +583,11 @@ def test_bye_not_routed_to_us_is_refused(ksr: KsrDouble, handler: kemi.Kamailio)
 
 def test_ack_in_dialog_is_relayed_without_a_transaction(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "ACK", in_dialog=True, ruri_host=MS_FQDN)
+    ksr.returns["rr.check_route_param"] = 1
     assert handler.ksr_request_route(None) == 1
     assert actions(ksr) == [
         ("is_ACK", ()),
+        *IN_DIALOG_HIDING,
         ("tls.set_connect_server_id", (MS_FQDN,)),
         ("pv.sets", ("$xavp(tls=>server_name)", MS_FQDN)),
         ("setdsturi", ("sip:127.0.0.3:5061;transport=tls",)),
@@ -518,10 +637,10 @@ def test_cancel_releases_media_then_relays(ksr: KsrDouble, handler: kemi.Kamaili
 def test_unexpected_exception_is_logged_and_answered_500(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
 
-    def boom(outbound: str, inbound: str) -> int:
+    def boom(route: str) -> int:
         raise RuntimeError("record_route_preset exploded")
 
-    ksr.returns["rr.record_route_preset"] = boom
+    ksr.returns["rr.record_route_preset_one"] = boom
 
     rc = handler.ksr_request_route(None)
 
@@ -533,7 +652,8 @@ def test_unexpected_exception_is_logged_and_answered_500(ksr: KsrDouble, handler
     assert CALL_ID in logged[0]
     assert "RuntimeError: record_route_preset exploded" in logged[0]
     assert ("sl.send_reply", (500, "Internal Server Error")) in ksr.calls
-    assert ksr.names()[-1] == "sl.send_reply"
+    # The offer rtpengine already accepted is released: no session outlives a refused request.
+    assert ksr.names()[-2:] == ["sl.send_reply", "rtpengine.rtpengine_delete0"]
 
 
 def test_exception_on_an_ack_sends_no_reply(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
@@ -554,7 +674,7 @@ def test_exception_in_a_reply_callback_is_logged_not_answered(ksr: KsrDouble, ha
 
 def test_failing_500_is_logged_not_raised(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "INVITE", sdp=CUCM_SDP)
-    ksr.returns["rr.record_route_preset"] = _raise
+    ksr.returns["rr.record_route_preset_one"] = _raise
     ksr.returns["sl.send_reply"] = _raise
     assert handler.ksr_request_route(None) == 1
     assert any("could not send 500" in m for m in errors(ksr))
@@ -730,11 +850,22 @@ def test_microsoft_in_dialog_request_uri_is_restored_before_loose_route(
     ksr: KsrDouble, handler: kemi.Kamailio
 ) -> None:
     script_request(ksr, "BYE", side="microsoft", in_dialog=True, ruri_host=SBC_FQDN)
+    cucm_contact = "sip:10048@127.0.0.4:26012;transport=tcp"
+    ksr.vars[ksr_adapter.CONTACT_TOKEN_PV] = topology.Masker(topology_key()).mask(cucm_contact)
     assert handler.ksr_request_route(None) == 1
     names = ksr.names()
-    # Decoding first: a Request-URI naming the SBC would send loose_route down its strict-router path.
-    assert names.index("siputils.contact_param_decode_ruri") < names.index("rr.loose_route")
-    assert ("siputils.contact_param_decode_ruri", ("kemi",)) in ksr.calls
+    # Restored first: a Request-URI naming the SBC would send loose_route down its strict-router path.
+    assert names.index("seturi") < names.index("rr.loose_route")
+    assert ("seturi", (cucm_contact,)) in ksr.calls
+
+
+def test_a_contact_token_that_is_not_ours_leaves_the_request_uri_alone(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_request(ksr, "BYE", side="microsoft", in_dialog=True, ruri_host=SBC_FQDN)
+    ksr.vars[ksr_adapter.CONTACT_TOKEN_PV] = "kx1-forgedforgedforgedforgedforged"
+    assert handler.ksr_request_route(None) == 1
+    assert "seturi" not in ksr.names()
 
 
 def test_a_paused_proxy_is_skipped_and_the_pause_is_recorded(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
@@ -750,3 +881,58 @@ def test_a_paused_proxy_is_skipped_and_the_pause_is_recorded(ksr: KsrDouble, han
     assert handler.ksr_failure_microsoft(None) == 1
     # RFC 3261 §20.33: Retry-After seconds (a comment may follow) pause the proxy that sent it.
     assert ("htable.sht_setxi", ("ms_hold", "sip:sip.example.net:5061;transport=tls", 1, 30)) in ksr.calls
+
+
+# --- malformed input that Kamailio's parser accepts ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"max_forwards": "seventy"}, "Bad Request (Max-Forwards is not a number)"),
+        ({"max_forwards": "9999"}, "Bad Request (Max-Forwards above 255)"),
+        ({"sdp": CUCM_SDP + "a=x:\0\r\n"}, "Bad Request (NUL byte in the SDP)"),
+    ],
+)
+def test_malformed_requests_get_400_and_touch_nothing(
+    ksr: KsrDouble, handler: kemi.Kamailio, change: dict[str, str], reason: str
+) -> None:
+    script_request(ksr, "INVITE", **{"sdp": CUCM_SDP, **change})  # type: ignore[arg-type]
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (400, reason))]
+
+
+def test_a_body_that_is_not_utf8_gets_400(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "INVITE", sdp=CUCM_SDP)
+
+    def undecodable(name: str) -> str:
+        if name == "$rb":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return str(ksr.vars.get(name, ""))
+
+    ksr.returns["pv.gete"] = undecodable
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [("sl.sl_send_reply", (400, "Bad Request (SDP is not UTF-8 text)"))]
+    assert errors(ksr) == []
+
+
+def test_options_requiring_an_extension_gets_420_with_unsupported(
+    ksr: KsrDouble, handler: kemi.Kamailio
+) -> None:
+    script_request(ksr, "OPTIONS", ruri_host="127.0.0.1")
+    ksr.headers["Require"] = "nothingSupported, foo"
+    assert handler.ksr_request_route(None) == 1
+    assert actions(ksr) == [
+        ("hdr.append_to_reply", ("Unsupported: nothingSupported, foo\r\n",)),
+        ("sl.sl_send_reply", (420, "Bad Extension")),
+    ]
+
+
+@pytest.mark.parametrize(("known", "dropped"), [(1, False), (-1, True)])
+def test_replies_no_transaction_knows_are_dropped(
+    ksr: KsrDouble, handler: kemi.Kamailio, known: int, dropped: bool
+) -> None:
+    script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
+    ksr.returns["tm.t_check_trans"] = known
+    assert handler.ksr_reply_route(None) == 1
+    assert ("set_drop" in ksr.names()) is dropped

@@ -85,7 +85,8 @@ BAD_CASES: list[tuple[str, Edits, str]] = [
     (
         "unknown-top-level-key-no-close-match",
         [("kamailio:\n", "zzz: 1\nkamailio:\n")],
-        "{path}:42: zzz: unknown key; known keys: version, sbc, rtpengine, cucm, microsoft, kamailio",
+        "{path}:42: zzz: unknown key; known keys: version, sbc, rtpengine, cucm, microsoft, kamailio, "
+        "topology_hiding",
     ),
     (
         "unknown-nested-key",

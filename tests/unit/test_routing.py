@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from kemi_o365 import routing
+from kemi_o365 import routing, topology
 from kemi_o365.decision import (
     Decision,
     Drop,
     FailedBranch,
     Failover,
     GiveUp,
+    HeaderEdits,
     Media,
     MediaAction,
     RelayCancel,
@@ -31,6 +32,7 @@ from kemi_o365.media import (
     DEFAULT_OFFER_TO_CUCM,
     DEFAULT_OFFER_TO_MICROSOFT,
     OTHER_SDES_SUITES,
+    anonymous_origin,
     flag_string,
 )
 from kemi_o365.policy.model import Policy, Transport
@@ -71,6 +73,14 @@ MS_SDP_STRIPPED = (
 )
 
 DELETE = Media(MediaAction.DELETE)
+# CUCM's SDP as rtpengine gets it toward Microsoft: o= names no product (media.anonymous_origin).
+CUCM_SDP_ANON = CUCM_SDP.replace("o=CiscoSystemsCCM-SIP ", "o=- ")
+# Toward Microsoft, CUCM's Via always goes and the User-Agent is the SBC's (topology hiding); these
+# test requests carry no other header, so nothing else changes (tests/unit/test_topology.py does).
+HIDE_REQUEST = HeaderEdits(("Via",), ("User-Agent: kemi-o365",))
+CUCM_VIA = "SIP/2.0/TCP 127.0.0.4:26012;branch=z9hG4bK-1"
+STASH = f"Via: {CUCM_VIA}\r\n"  # kept with the transaction for the replies
+HIDE_REPLY = HeaderEdits((), ("Server: kemi-o365",))
 DELAYED_OFFER = Respond(488, "Not Acceptable Here (delayed offer: enable early offer on the CUCM trunk)")
 
 
@@ -94,6 +104,7 @@ def request(**changes: object) -> Request:
         has_sdp=True,
         sdp=CUCM_SDP,
         max_forwards=70,
+        headers=(("Via", CUCM_VIA),),
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -144,17 +155,10 @@ def test_policy_uses_the_default_flag_sets(policy: Policy) -> None:
     assert policy.microsoft.answer_flags == DEFAULT_ANSWER_TO_CUCM
 
 
-@pytest.mark.parametrize(
-    ("transport", "inbound_rr"),
-    [
-        (Transport.TCP, "127.0.0.1:5060;transport=tcp;r2=on"),
-        (Transport.UDP, "127.0.0.1:5060;r2=on"),
-    ],
-)
-def test_invite_from_cucm_is_relayed_to_microsoft(
-    policy: Policy, transport: Transport, inbound_rr: str
-) -> None:
-    decision = routing.decide(request(transport=transport), policy)
+@pytest.mark.parametrize("transport", [Transport.TCP, Transport.UDP])
+def test_invite_from_cucm_is_relayed_to_microsoft(policy: Policy, transport: Transport) -> None:
+    decision = routing.decide(request(transport=transport, call_id="1-3487@127.0.0.4"), policy)
+    masked = topology.masker(policy).mask("1-3487@127.0.0.4")
     assert decision == RelayToMicrosoft(
         request_uri=f"sip:87000@{MS_FQDN}:5061;transport=tls",
         proxy_set=1,
@@ -163,14 +167,13 @@ def test_invite_from_cucm_is_relayed_to_microsoft(
         send_socket="tls:127.0.0.2:5061",
         advertised_host=SBC_FQDN,
         advertised_port=5061,
-        record_route_outbound=f"{SBC_FQDN}:5061;transport=tls;r2=on",
-        record_route_inbound=inbound_rr,
-        media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
-        # Exchange UM: the numbers and From stay CUCM's; CUCM's Contact hides behind the SBC's FQDN.
-        from_uri=None,
-        contact=f"sip:{SBC_FQDN}:5061;transport=tls",
-        remove_headers=("Replaces",),
-        add_headers=(),
+        # One entry: the internal one is added back only on the replies toward CUCM.
+        record_route=f"{SBC_FQDN}:5061;transport=tls;r2=on;mcid",
+        media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT), CUCM_SDP_ANON),
+        # Exchange UM: the numbers stay CUCM's; the From host becomes the SBC's FQDN.
+        from_uri=f"sip:10048@{SBC_FQDN}",
+        edits=HeaderEdits(("Replaces", "Via", "Call-ID"), ("User-Agent: kemi-o365", f"Call-ID: {masked}")),
+        stash=STASH,
         tls_server_id=MS_FQDN,  # the TLS client profile whose SNI is the proxy's FQDN
     )
 
@@ -184,7 +187,7 @@ def test_offer_toward_microsoft_makes_srtp_without_ice_dtls_or_rtcp_mux(policy: 
     decision = routing.decide(request(), policy)
     assert isinstance(decision, RelayToMicrosoft)
     assert decision.media.action is MediaAction.OFFER
-    assert decision.media.sdp is None  # rtpengine reads CUCM's body unchanged
+    assert decision.media.sdp == CUCM_SDP_ANON  # only o='s username differs from CUCM's body
     flags = decision.media.flags.split(" ")
     for flag in ("RTP/SAVP", "ICE=remove", "DTLS=off", "rtcp-mux-demux"):
         assert flag in flags
@@ -322,13 +325,17 @@ CASES = [
             media=DELETE,
             destination="sip:127.0.0.3:5061;transport=tls",
             advertise=(SBC_FQDN, 5061),
+            edits=HIDE_REQUEST,
+            stash=STASH,
             tls_server_id=MS_FQDN,
         ),
     ),
     Case(
         "BYE from CUCM to an unpinned host",
         in_dialog(Method.BYE, Side.CUCM, ruri_host="sip.other.example.net"),
-        RelayInDialog(media=DELETE, destination=None, advertise=(SBC_FQDN, 5061)),
+        RelayInDialog(
+            media=DELETE, destination=None, advertise=(SBC_FQDN, 5061), edits=HIDE_REQUEST, stash=STASH
+        ),
     ),
     Case(
         "BYE from Microsoft",
@@ -339,10 +346,11 @@ CASES = [
         "re-INVITE from CUCM",
         in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=CUCM_SDP),
         RelayInDialog(
-            media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT)),
+            media=Media(MediaAction.OFFER, flag_string(DEFAULT_OFFER_TO_MICROSOFT), CUCM_SDP_ANON),
             destination="sip:127.0.0.3:5061;transport=tls",
             advertise=(SBC_FQDN, 5061),
-            encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls",  # a target refresh: hide CUCM again
+            edits=HIDE_REQUEST,
+            stash=STASH,
             tls_server_id=MS_FQDN,
         ),
     ),
@@ -373,9 +381,11 @@ CASES = [
         "ACK with SDP from CUCM (answer to a delayed-offer re-INVITE)",
         in_dialog(Method.ACK, Side.CUCM, has_sdp=True, sdp=CUCM_SDP),
         RelayInDialog(
-            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)),
+            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT), CUCM_SDP_ANON),
             "sip:127.0.0.3:5061;transport=tls",
             (SBC_FQDN, 5061),
+            edits=HIDE_REQUEST,
+            stash=STASH,
             tls_server_id=MS_FQDN,
         ),
     ),
@@ -443,9 +453,9 @@ REPLY_CASES = [
     ReplyCase("488 to the initial INVITE", ms_reply(488, sdp=MS_SDP), True, NOTHING),
     # A refused re-INVITE leaves the call up: its media session must survive.
     ReplyCase("488 to a re-INVITE", ms_reply(488), False, NOTHING),
-    ReplyCase("491 to a re-INVITE from CUCM", cucm_reply(491), False, NOTHING),
+    ReplyCase("491 to a re-INVITE from CUCM", cucm_reply(491), False, ReplyAction(None, HIDE_REPLY)),
     ReplyCase("200 to BYE", ms_reply(200, Method.BYE), False, NOTHING),
-    ReplyCase("200 to BYE from CUCM", cucm_reply(200, Method.BYE), False, NOTHING),
+    ReplyCase("200 to BYE from CUCM", cucm_reply(200, Method.BYE), False, ReplyAction(None, HIDE_REPLY)),
     ReplyCase("481 to BYE", ms_reply(481, Method.BYE), False, NOTHING),
     ReplyCase("200 to CANCEL", ms_reply(200, Method.CANCEL), True, NOTHING),
     ReplyCase("500 to UPDATE", ms_reply(500, Method.UPDATE), False, NOTHING),
@@ -454,15 +464,15 @@ REPLY_CASES = [
         cucm_reply(200, sdp=CUCM_SDP),
         False,
         ReplyAction(
-            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT)),
-            encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls",  # CUCM's Contact hides behind ours
+            Media(MediaAction.ANSWER, flag_string(DEFAULT_ANSWER_TO_MICROSOFT), CUCM_SDP_ANON),
+            HIDE_REPLY,
         ),
     ),
     ReplyCase(
         "180 without SDP from CUCM (a call Microsoft started)",
         cucm_reply(180),
         True,
-        ReplyAction(None, encode_contact=f"sip:{SBC_FQDN}:5061;transport=tls"),
+        ReplyAction(None, HIDE_REPLY),
     ),
 ]
 
@@ -545,8 +555,8 @@ def test_numbers_are_translated_both_ways_for_teams(tmp_path: Path) -> None:
     assert isinstance(out, RelayToMicrosoft)
     assert out.request_uri == f"sip:+44207946087000@{MS_FQDN}:5061;transport=tls;user=phone"
     assert out.from_uri == f"sip:+44207946010048@{SBC_FQDN};user=phone"
-    assert out.remove_headers == ("Replaces", "Allow")
-    assert out.add_headers == (
+    assert out.edits.remove[:2] == ("Replaces", "Allow")
+    assert out.edits.add[:2] == (
         "Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, NOTIFY",
         "X-MS-SBC: kemi-o365/Kamailio-5.6/0.1.0",
     )
@@ -584,7 +594,7 @@ def test_teams_offer_prunes_codecs_and_sends_hold_as_inactive(tmp_path: Path) ->
         in_dialog(Method.INVITE, Side.CUCM, has_sdp=True, sdp=hold), lab_policy(tmp_path / "um")
     )
     assert isinstance(um, RelayInDialog) and um.media is not None
-    assert um.media.sdp is None and "codec-strip=all" not in um.media.flags
+    assert um.media.sdp == anonymous_origin(hold) and "codec-strip=all" not in um.media.flags
 
 
 @pytest.mark.parametrize(
@@ -627,3 +637,23 @@ def test_microsofts_own_sdp_extensions_do_not_reach_cucm(policy: Policy) -> None
     out = routing.decide(from_microsoft(sdp=MS_SDP + extras), policy)
     assert isinstance(out, RelayToCucm) and out.media is not None and out.media.sdp is not None
     assert out.media.sdp == MS_SDP_STRIPPED
+
+
+@pytest.mark.parametrize(
+    "via",
+    [
+        "SIP/2.0/TCP 10.9.9.9:5060;branch=z9hG4bK-1",  # not the address it came from
+        "SIP/2.0/TCP 127.0.0.4:26012;branch=z9hG4bK-1;rport",  # Kamailio would add rport=
+        "SIP/2.0/TCP 127.0.0.4;received=10.0.0.1;branch=z9hG4bK-1",
+        "SIP/2.0/TCP cucm-pub.corp.example:5060;branch=z9hG4bK-1",  # a name, not an address
+    ],
+)
+def test_a_via_kamailio_would_annotate_is_refused_not_leaked(policy: Policy, via: str) -> None:
+    # Kamailio writes received=/rport= into the top Via as it forwards; that Via is the one the SBC
+    # takes off toward Microsoft, so the annotation would land in the request as stray text.
+    decision = routing.decide(request(headers=(("Via", via),)), policy)
+    assert decision == routing.VIA_REFUSED
+    assert (
+        routing.decide(in_dialog(Method.BYE, Side.CUCM, headers=(("Via", via),)), policy)
+        == routing.VIA_REFUSED
+    )
