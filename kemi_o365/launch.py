@@ -148,7 +148,9 @@ def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
         "PIKE_UNIT": str(sbc.flood_limit.per_seconds),
         "PIKE_DENSITY": str(sbc.flood_limit.requests),
     }
-    argv = [KAMAILIO_BIN, "-f", str(KAMAILIO_DIR / "kamailio.cfg"), "-DD", "-E", "-Y", str(run.root)]
+    # -w: a crash's core file lands in the run directory, not in / (where Kamailio would cd).
+    root = str(run.root)
+    argv = [KAMAILIO_BIN, "-f", str(KAMAILIO_DIR / "kamailio.cfg"), "-DD", "-E", "-Y", root, "-w", root]
     if Transport.UDP in sbc.internal.transports:
         argv += ["-A", "WITH_CUCM_UDP"]
     if Transport.TCP in sbc.internal.transports:
