@@ -20,6 +20,7 @@ from kemi_o365.lab.sipp import free_port, start_sipp
 from kemi_o365.sipmsg import SipMessage, parse
 from kemi_o365.topology import masker
 from tests.e2e.conftest import Lab, lab_policy_data, running_lab
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -98,8 +99,8 @@ def test_a_flood_from_a_stranger_is_cut_off_while_cucm_calls(tmp_path: Path) -> 
     assert late == []
     bans = [ln for ln in log.splitlines() if f"flood from {STRANGER}" in ln]
     assert len(bans) == 1, bans
-    print(
-        f"\nflood: {FLOOD_REQUESTS} OPTIONS from {STRANGER} in {result['elapsed']:.2f} s, "
+    report(
+        f"flood: {FLOOD_REQUESTS} OPTIONS from {STRANGER} in {result['elapsed']:.2f} s, "
         f"{answered} answered (403) before the ban, {FLOOD_REQUESTS - answered} ignored; "
         "CUCM's seed call during it: "
         f"{'answered and released' if call.sipp.ok else 'FAILED'}; one log line for the ban"
@@ -155,8 +156,8 @@ def test_media_from_a_stranger_never_reaches_microsoft(lab: Lab) -> None:
     from_stranger = sum(1 for p in got if p.startswith(b"STRANGER"))
     assert from_cucm >= 30, (from_cucm, len(got))
     assert from_stranger == 0
-    print(
-        f"\nstrict source: CUCM sent 78 RTP packets, a stranger 199 to the same SBC port; Microsoft "
+    report(
+        f"strict source: CUCM sent 78 RTP packets, a stranger 199 to the same SBC port; Microsoft "
         f"decrypted {from_cucm} of CUCM's and {from_stranger} of the stranger's"
     )
 

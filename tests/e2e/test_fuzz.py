@@ -37,6 +37,7 @@ from tests.e2e.sbc_probe import (
     cucm_sink,
 )
 from tests.fuzz_sip import Mutator, microsoft_invite, seed_invite, seed_ok
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +220,8 @@ def test_seeded_mutation_fuzz_of_the_seed_exchange(tmp_path: Path, request: pyte
     request.config.pluginmanager.register(
         TerminalSummary("SIP mutation fuzz (seed exchange)", lines), name=f"fuzz-summary-{id(lines)}"
     )
-    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines[:-1]))
+    report(summary)
 
     failures = [f for s in streams for f in s.failures] + final_problems
     failures += [f"Kamailio log: {x}" for x in internal]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kemi_o365 import rtpengine_ng
@@ -9,6 +11,7 @@ from kemi_o365.lab.demo import SCENARIOS, wait_rtpengine_empty
 from kemi_o365.lab.sipp import run_sipp
 from tests.e2e import sipclient
 from tests.e2e.conftest import Lab
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +79,7 @@ def test_dead_rtpengine_fails_the_call_fast_with_503(lab: Lab) -> None:
     proc = lab.stack.procs["rtpengine"]
     proc.terminate()
     proc.wait(10)
+    started = time.monotonic()
     result = run_sipp(
         SCENARIOS / "seed-call" / "uac.xml",
         lab.cucm_target,
@@ -85,8 +89,16 @@ def test_dead_rtpengine_fails_the_call_fast_with_503(lab: Lab) -> None:
         timeout_s=10,
     )
     finals = [m for m in result.received() if not m.is_request and m.status >= 200]
+    elapsed = time.monotonic() - started
     assert [m.status for m in finals] == [503], result.describe()
     assert not lab.peer.received, "no INVITE may reach Microsoft without a media relay"
+    # One rtpengine timeout (policy: kamailio.rtpengine_timeout_ms) plus SIPp's own start and stop.
+    assert elapsed < lab.policy.kamailio.rtpengine_timeout_ms / 1000 + 2.0, elapsed
+    report(
+        f"dead rtpengine: CUCM's INVITE answered {finals[0].status} {finals[0].start_line.split(' ', 2)[2]} "
+        f"in {elapsed:.2f} s including SIPp (rtpengine timeout "
+        f"{lab.policy.kamailio.rtpengine_timeout_ms} ms), nothing sent to Microsoft"
+    )
 
 
 def test_malformed_request_gets_400_from_sanity_and_is_not_relayed(lab: Lab) -> None:

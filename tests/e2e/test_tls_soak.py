@@ -15,6 +15,7 @@ import pytest
 
 from kemi_o365.lab.tls_soak import Mode, SoakConfig, crash_lines, run_soak
 from tests.e2e.conftest import lab_policy_data, running_lab
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ def test_tls_soak_keeps_kamailio_alive_and_serving(tmp_path: Path) -> None:
         log = lab.stack.run.kamailio_log
         crashes = crash_lines(log)
         tail = lab.stack.log_tail("kamailio")
-    print(f"\n{result.summary_line()}")
+    report(result.summary_line())
     evidence = "\n".join(result.crash_evidence + result.failures) + f"\n--- Kamailio log ---\n{tail}"
     assert alive == {"rtpengine": True, "kamailio": True}, evidence
     assert result.crashes == 0 and not crashes, evidence

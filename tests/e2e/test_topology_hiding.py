@@ -11,6 +11,7 @@ from kemi_o365.lab.demo import SCENARIOS, cucm_uas, place_seed_call, wait_rtpeng
 from kemi_o365.lab.sipp import SippProcess, run_sipp, start_sipp
 from kemi_o365.lab.variants import VARIANTS, variant_scenario
 from tests.e2e.conftest import Lab
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +109,7 @@ def test_microsoft_never_sees_cucm_or_the_internal_side(lab: Lab) -> None:
             assert len(rec.msg.get_all("Via")) == 1, rec.msg
         for rr in rec.msg.get_all("Record-Route"):
             assert fqdn in rr and "127.0.0." not in rr, rr
-    print(
-        f"\ntopology hiding: {len(received)} messages ({total} bytes) Microsoft received in "
+    report(
+        f"topology hiding: {len(received)} messages ({total} bytes) Microsoft received in "
         f"{len(exchanges)} exchanges scanned: 0 CUCM or internal addresses, 0 CUCM headers"
     )

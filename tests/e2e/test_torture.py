@@ -34,6 +34,7 @@ from tests.e2e.sbc_probe import (
     cucm_sink,
 )
 from tests.sip_torture import Case, Expect, cases, corpus_files, liberal_problems, rewrite_ruri_host
+from tests.summary import report
 
 pytestmark = pytest.mark.e2e
 
@@ -249,5 +250,6 @@ def test_torture_corpora_on_every_listener(tmp_path: Path, request: pytest.Fixtu
         TerminalSummary("SIP torture corpora (RFC 4475, RFC 5118) per listener", summary_lines),
         name=f"torture-summary-{id(results)}",
     )
-    print("\n" + "\n".join(summary_lines))
+    print("\n" + "\n".join(summary_lines[:-1]))
+    report(summary)
     assert not failures, "\n".join([*failures, excerpt])

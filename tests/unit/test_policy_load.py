@@ -21,6 +21,7 @@ from kemi_o365.policy.errors import PolicyError, Problem
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy, Profile, Proxy, Transport
 from tests.helpers import LAB_POLICY, REFERENCE_POLICY, lab_policy_text, make_pki_files
+from tests.summary import report
 
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
 # Whole lines of lab.yaml (with their trailing comments), to delete or move in an edit.
@@ -559,3 +560,17 @@ def test_tls_versions_must_be_what_kamailio_can_express(
     message = load_error(path)
     assert ": sbc.external.tls_versions: " in message
     assert "contiguous" in message or "Kamailio 5.6 can accept one version below 1.3" in message
+
+
+def test_every_broken_policy_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
+    refused = 0
+    for i, (name, edits, _expected) in enumerate(BAD_CASES):
+        path, _pki = write_policy(tmp_path / str(i), edits)
+        message = load_error(path)
+        assert message.startswith(f"{path}:"), (name, message)
+        refused += 1
+    report(
+        f"bad policy: {len(BAD_CASES)} broken files (YAML syntax, unknown keys, wrong types, unreadable "
+        f"certificate files, bad regexes, overlapping ports, ...): {refused} refused naming file, line "
+        "and key"
+    )
