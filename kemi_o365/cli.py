@@ -89,6 +89,19 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reload(args: argparse.Namespace) -> int:
+    from kemi_o365 import rpc
+    from kemi_o365.reloading import reload
+
+    try:
+        result = reload(Path(args.rundir))
+    except (OSError, rpc.RpcError) as exc:
+        print(f"no running kemi-o365 in {args.rundir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kemi_o365.lab.demo import run_demo
 
@@ -127,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="listeners, Microsoft proxies' health, calls of a running SBC")
     status.add_argument("--rundir", required=True, help="the directory given to `kemi-o365 run --rundir`")
     status.set_defaults(func=_status)
+
+    reload = sub.add_parser(
+        "reload", help="check the running SBC's policy file again and have every Kamailio process take it up"
+    )
+    reload.add_argument("--rundir", required=True, help="the directory given to `kemi-o365 run --rundir`")
+    reload.set_defaults(func=_reload)
 
     demo = sub.add_parser(
         "demo", help="the built-in lab: one seed call CUCM -> SBC -> Microsoft, with a ladder"

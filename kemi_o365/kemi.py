@@ -8,17 +8,20 @@ and no exception escapes into Kamailio: it is logged with the Call-ID and answer
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable
 
 import KSR
 
 from kemi_o365 import ksr_adapter as adapter
-from kemi_o365 import routing
-from kemi_o365.decision import Respond
-from kemi_o365.policy.errors import PolicyError
+from kemi_o365 import metrics, operations, routing
+from kemi_o365.decision import GiveUp, Respond
+from kemi_o365.policy.errors import PolicyError, Problem
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy
+from kemi_o365.policy.reload import restart_needed
+from kemi_o365.request import Method
 
 POLICY_ENV = "KEMI_O365_POLICY"
 
@@ -30,6 +33,8 @@ class Kamailio:
         self.policy = policy
 
     def child_init(self, rank: int) -> int:
+        # Each forked process says which policy it runs (`kemi-o365 status`); reloads update it.
+        adapter.record_policy(self.policy.version, str(self.policy.source))
         return 0
 
     def ksr_request_route(self, msg: object) -> int:
@@ -88,7 +93,18 @@ class Kamailio:
                 f"{request.source_ip}:{request.source_port} on the {request.side} side "
                 f"(Call-ID {adapter.call_id()})\n"
             )
-        adapter.apply(decision)
+        ending = operations.ending_call(self.policy, request) if request.to_tag else None
+        try:
+            outcome = adapter.apply(decision)
+        except adapter.MediaRelayError as exc:
+            # Answered 503 by the adapter; the call never started.
+            outcome = 503
+            metrics.RTPENGINE_ERRORS.labels("offer").inc()
+            KSR.err(f"kemi-o365: request Call-ID {adapter.call_id()}: {exc}, answered 503\n")
+        if request.method is Method.INVITE and not request.to_tag:
+            operations.initial_invite(self.policy, request, outcome)
+        elif ending is not None and outcome == adapter.RELAYED:
+            operations.call_ended(request, ending)
 
     def _stray_reply(self) -> None:
         if not adapter.reply_has_transaction():
@@ -97,36 +113,77 @@ class Kamailio:
     def _reply(self, *, initial: bool, late_offer: bool = False) -> None:
         reply = adapter.read_reply(self.policy)
         adapter.apply_reply(routing.on_reply(reply, self.policy, initial=initial, late_offer=late_offer))
+        if initial:
+            operations.answered(self.policy, reply)
 
     def _failure(self, *, toward_microsoft: bool) -> None:
         branch = adapter.read_failed_branch()
-        adapter.apply_failure(routing.on_failure(branch, self.policy, toward_microsoft=toward_microsoft))
+        action = routing.on_failure(branch, self.policy, toward_microsoft=toward_microsoft)
+        if isinstance(action, GiveUp):
+            # Before the media session goes: the record carries rtpengine's counts.
+            operations.call_failed(self.policy, branch, toward_microsoft=toward_microsoft)
+        adapter.apply_failure(action)
+
+    def ksr_xhttp_event(self, msg: object, evname: str = "") -> int:
+        return self._guarded("metrics", lambda: adapter.http_reply(*operations.scrape(self.policy)))
 
     def _guarded(self, what: str, work: Callable[[], None]) -> int:
+        started = time.perf_counter()
         try:
             work()
         except adapter.MediaRelayError as exc:
+            metrics.RTPENGINE_ERRORS.labels(what).inc()
             KSR.err(f"kemi-o365: {what} Call-ID {adapter.call_id()}: {exc}\n")
         except Exception as exc:
+            metrics.HANDLER_EXCEPTIONS.labels(what).inc()
             detail = "".join(traceback.format_exception_only(exc)).strip()
             KSR.err(f"kemi-o365: internal error in {what} handler, Call-ID {adapter.call_id()}: {detail}\n")
             KSR.err("kemi-o365: " + traceback.format_exc().replace("\n", "\n  ") + "\n")
             if what == "request":
                 adapter.respond_error(500, "Internal Server Error")
                 adapter.release_media()
+        metrics.HANDLER_SECONDS.labels(what).observe(time.perf_counter() - started)
         return 1
 
 
+class _Running:
+    """The policy this process runs: kept across app_python.reload, which re-runs mod_init in each
+    process (this module itself is not re-imported, only kamailio/sbc.py)."""
+
+    policy: Policy | None = None
+
+
 def mod_init() -> Kamailio:
-    """Called once by Kamailio before forking; a bad policy stops Kamailio here."""
+    """Called by Kamailio before forking (a bad policy stops it there), and again in each process
+    after `kemi-o365 reload` (RPC app_python.reload): then a policy that does not load, or that
+    changes what only a restart can change, is refused and the running one stays."""
+    running = _Running.policy
     path = os.environ.get(POLICY_ENV)
     if not path:
         KSR.err(f"kemi-o365: {POLICY_ENV} is not set; start with `kemi-o365 run --policy FILE`\n")
         raise RuntimeError(f"{POLICY_ENV} is not set")
     try:
         policy = load_policy(path)
+        problems = restart_needed(running, policy) if running is not None else []
+        if problems:
+            raise PolicyError([Problem(path, 0, "", f"needs a restart, not a reload: {', '.join(problems)}")])
     except PolicyError as exc:
-        KSR.err(f"kemi-o365: refusing to start, the policy is invalid:\n{exc}\n")
-        raise
-    KSR.info(f"kemi-o365: policy {policy.source} loaded ({policy.microsoft.profile} profile)\n")
+        if running is None:
+            KSR.err(f"kemi-o365: refusing to start, the policy is invalid:\n{exc}\n")
+            raise
+        # A reload must never leave a worker without a handler (app_python3 would retry it on
+        # every message): keep the running policy.
+        metrics.POLICY_RELOADS.labels("refused").inc()
+        KSR.err(f"kemi-o365: reload refused, still running policy {running.version}:\n{exc}\n")
+        return Kamailio(running)
+    if running is not None:
+        metrics.POLICY_RELOADS.labels("ok").inc()
+        KSR.info(f"kemi-o365: policy reloaded, version {running.version} -> {policy.version}\n")
+    else:
+        KSR.info(
+            f"kemi-o365: policy {policy.source} version {policy.version} loaded "
+            f"({policy.microsoft.profile} profile)\n"
+        )
+    _Running.policy = policy
+    adapter.record_policy(policy.version, str(policy.source))
     return Kamailio(policy)

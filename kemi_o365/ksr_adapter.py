@@ -7,6 +7,7 @@ Kamailio needs (KAMAILIO-NOTES §1.4, §1.7).
 
 from __future__ import annotations
 
+import os
 from typing import assert_never
 
 import KSR
@@ -283,7 +284,7 @@ def _relay(onreply: str) -> bool:
     return True
 
 
-def _relay_to_proxies(tries: int) -> None:
+def _relay_to_proxies(tries: int) -> int:
     """Relay to the dispatcher's current Microsoft proxy; when sending fails at once (no TLS
     connection), treat it as the 477 it is and move to the next proxy, at most `tries` times."""
     for _ in range(tries):
@@ -296,35 +297,47 @@ def _relay_to_proxies(tries: int) -> None:
         KSR.tm.t_on_failure(FAILURE_MICROSOFT)
         KSR.tm.t_on_reply(ONREPLY_INITIAL)
         if KSR.tm.t_relay() > 0:
-            return
+            return RELAYED
         KSR.warn(f"kemi-o365: cannot send to Microsoft proxy {KSR.pv.gete('$dd')}, Call-ID {call_id()}\n")
         KSR.dispatcher.ds_mark_dst_state("ip")
         if KSR.dispatcher.ds_next_dst() < 0:
             break
     KSR.sl.send_reply(503, "No Microsoft Proxy Reachable")
     KSR.rtpengine.rtpengine_delete0()
+    return 503
 
 
-def apply(decision: Decision) -> None:
+# What apply did: relayed, nothing (a retransmission tm handles, a drop), or the final code the SBC
+# answered itself (its own refusal, or a relay that could not be done).
+RELAYED = 0
+NOTHING = -1
+
+
+def apply(decision: Decision) -> int:
+    """Carry out `decision`; RELAYED, NOTHING, or the status code the SBC answered with."""
     match decision:
         case Respond(code=code, reason=reason, headers=headers):
             for line in headers:
                 KSR.hdr.append_to_reply(line + "\r\n")
             KSR.sl.sl_send_reply(code, reason)
+            return code
         case Drop():
             # Hop-by-hop ACKs for negative replies belong to a tm transaction, which absorbs them.
             if KSR.is_ACK() and KSR.tm.t_check_trans() > 0:
                 KSR.tm.t_relay()
+            return NOTHING
         case RelayToMicrosoft():
-            _relay_to_microsoft(decision)
+            return _relay_to_microsoft(decision)
         case RelayToCucm():
-            _relay_to_cucm(decision)
+            return _relay_to_cucm(decision)
         case RelayInDialog():
-            _relay_in_dialog(decision)
+            return _relay_in_dialog(decision)
         case RelayCancel(media=media):
             if KSR.tm.t_check_trans() > 0:
                 run_media(media)
                 KSR.tm.t_relay()
+                return RELAYED
+            return NOTHING
         case _:
             assert_never(decision)
 
@@ -345,9 +358,9 @@ def _new_request_with_media(media: Media | None) -> bool:
     return True
 
 
-def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
+def _relay_to_microsoft(d: RelayToMicrosoft) -> int:
     if not _new_request_with_media(d.media):
-        return
+        return NOTHING
     # uac first: with one Record-Route entry (double_rr expects two once RR is done), its restore
     # parameters must wait in rr's buffer (512 bytes) for record_route_preset_one to take them.
     replaced = KSR.uac.uac_replace_to_uri(d.to_uri) > 0
@@ -357,7 +370,7 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
         # Only From/To URIs hundreds of bytes long get here (RFC 4475 longreq), never CUCM's.
         KSR.sl.sl_send_reply(400, "Bad Request (From or To URI too long to relay)")
         KSR.rtpengine.rtpengine_delete0()
-        return
+        return 400
     _ok(KSR.rr.record_route_preset_one(d.record_route), "record_route_preset_one")
     _edit(d.edits)
     _stash(d.stash)
@@ -367,40 +380,39 @@ def _relay_to_microsoft(d: RelayToMicrosoft) -> None:
     if KSR.dispatcher.ds_select_dst(d.proxy_set, 8) < 0:
         KSR.sl.sl_send_reply(503, "No Microsoft Proxy Available")
         KSR.rtpengine.rtpengine_delete0()
-        return
+        return 503
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
     # Via toward Microsoft names the SBC FQDN; the listener itself has no resolvable advertise.
     _ok(KSR.set_advertised_address(d.advertised_host), "set_advertised_address")
     _ok(KSR.set_advertised_port(str(d.advertised_port)), "set_advertised_port")
-    _relay_to_proxies(d.proxies)
+    return _relay_to_proxies(d.proxies)
 
 
-def _relay_to_cucm(d: RelayToCucm) -> None:
+def _relay_to_cucm(d: RelayToCucm) -> int:
     if not _new_request_with_media(d.media):
-        return
+        return NOTHING
     if d.record_route is not None:
         _ok(KSR.rr.record_route_preset(d.record_route[0], d.record_route[1]), "record_route_preset")
     _true(KSR.seturi(d.request_uri), "seturi")
     _true(KSR.setdsturi(d.destination), "setdsturi")
     _ok(KSR.corex.set_send_socket(d.send_socket), "set_send_socket")
     KSR.tm.t_on_failure(FAILURE_CUCM)
-    _relay(ONREPLY_INITIAL)
+    return RELAYED if _relay(ONREPLY_INITIAL) else 500
 
 
-def _relay_in_dialog(d: RelayInDialog) -> None:
+def _relay_in_dialog(d: RelayInDialog) -> int:
     if KSR.is_ACK():
         if d.media is not None:
             run_media(d.media)
         _next_hop(d)
         KSR.tm.t_relay()
-        return
+        return RELAYED
     if not _new_request_with_media(d.media):
-        return
+        return NOTHING
     _next_hop(d)
     if d.late_offer:
-        _relay(ONREPLY_LATE_OFFER)
-    else:
-        _relay(ONREPLY_IN_DIALOG)
+        return RELAYED if _relay(ONREPLY_LATE_OFFER) else 500
+    return RELAYED if _relay(ONREPLY_IN_DIALOG) else 500
 
 
 def _next_hop(d: RelayInDialog) -> None:
@@ -512,3 +524,67 @@ def respond_error(code: int, reason: str) -> None:
 
 def call_id() -> str:
     return KSR.pv.gete("$ci")
+
+
+# --- operations: metrics, call records, policy version ---------------------------------------------
+
+CALLS_TABLE = "calls"  # htable: Call-ID (CUCM's, unmasked) -> calls.start_state JSON
+STATE_TABLE = "kemi_state"  # htable: "policy:<pid>" -> "<version> <file>"
+
+
+def call_state(call_id: str) -> str:
+    return KSR.htable.sht_gete(CALLS_TABLE, call_id)
+
+
+def set_call_state(call_id: str, state: str) -> None:
+    KSR.htable.sht_sets(CALLS_TABLE, call_id, state)
+
+
+def forget_call(call_id: str) -> None:
+    KSR.htable.sht_rm(CALLS_TABLE, call_id)
+
+
+def record_policy(version: str, source: str) -> None:
+    """Which policy this process runs (read by `kemi-o365 status` through htable.dump)."""
+    KSR.htable.sht_sets(STATE_TABLE, f"policy:{os.getpid()}", f"{version} {source}")
+
+
+def diagnostic_headers(in_reply: bool) -> tuple[str, str]:
+    """(Reason, ms-diagnostics) of the request, or of the failed branch's reply in a failure route."""
+    if in_reply:
+        return KSR.pv.gete("$T_rpl($hdr(Reason))"), KSR.pv.gete("$T_rpl($hdr(ms-diagnostics))")
+    return KSR.hdr.gete("Reason"), KSR.hdr.gete("ms-diagnostics")
+
+
+def failed_reply_warning() -> str:
+    return KSR.pv.gete("$T_rpl($hdr(Warning))")
+
+
+def from_tag() -> str:
+    return KSR.pv.gete("$ft")
+
+
+def parties() -> tuple[str, str]:
+    """(From URI, To URI) as received."""
+    return KSR.pv.gete("$fu"), KSR.pv.gete("$tu")
+
+
+def proxy_active(set_id: int, uri: str) -> bool:
+    return KSR.dispatcher.ds_is_active_uri(set_id, uri) > 0
+
+
+def http_request() -> tuple[int, str]:
+    """(local port, URL path) of the HTTP request xhttp hands over."""
+    return int(KSR.pv.geti("$Rp")), KSR.pv.gete("$hu")
+
+
+def http_reply(code: int, reason: str, content_type: str, body: str) -> None:
+    KSR.xhttp.xhttp_reply(code, reason, content_type, body)
+
+
+def log_info(line: str) -> None:
+    KSR.info(line + "\n")
+
+
+def to_tag() -> str:
+    return KSR.pv.gete("$tt")

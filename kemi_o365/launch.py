@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,17 @@ class RunDir:
     @property
     def rpc_sock(self) -> Path:
         return self.root / "kamailio_rpc.sock"
+
+    @property
+    def policy_snapshot(self) -> Path:
+        """The policy text Kamailio runs (at start, then after each reload): what a reload is
+        compared with."""
+        return self.root / "policy-running.yaml"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus_client's multiprocess files, emptied at every start (KAMAILIO-NOTES §6)."""
+        return self.root / "metrics"
 
     @property
     def kamailio_log(self) -> Path:
@@ -157,13 +169,19 @@ def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
         argv += ["-A", "WITH_CUCM_TCP"]
     if sbc.internal.name:
         argv += ["-A", f"INTERNAL_NAME={sbc.internal.name}"]
+    if policy.metrics is not None:
+        argv += ["-A", "WITH_METRICS", "-A", f"METRICS_ADDR={policy.metrics.address}"]
+        argv += ["-A", f"METRICS_PORT={policy.metrics.port}"]
     for name, value in defines.items():
         argv += ["-A", f"{name}={value}"]
     return argv
 
 
-def kamailio_env(policy: Policy) -> dict[str, str]:
+def kamailio_env(policy: Policy, metrics_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if metrics_dir is not None:
+        # Read when prometheus_client is first imported, in Kamailio's main process before it forks.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     env["KEMI_O365_POLICY"] = str(policy.source)
     # Kamailio embeds /usr/bin/python3; our venv (made from it) is where the package lives.
     env["KEMI_O365_VENV"] = sys.prefix
@@ -190,6 +208,11 @@ def rtpengine_command(policy: Policy, run: RunDir) -> list[str]:
         "--log-level=6",
         "--delete-delay=0",
         f"--endpoint-learning={rtp.endpoint_learning}",
+        *(
+            [f"--listen-http={policy.metrics.address}:{policy.metrics.rtpengine_port}"]
+            if policy.metrics is not None and policy.metrics.rtpengine_port
+            else []
+        ),
     ]
 
 
@@ -215,6 +238,10 @@ class Stack:
         self.run.tls_cfg.write_text(render_tls_cfg(self.policy))
         self.run.dispatcher_list.write_text(render_dispatcher_list(self.policy))
         self.run.policy_record.write_text(f"{self.policy.source}\n")
+        self.run.policy_snapshot.write_text(self.policy.source.read_text())
+        # Counters from an earlier run would be summed into this one's.
+        shutil.rmtree(self.run.metrics_dir, ignore_errors=True)
+        self.run.metrics_dir.mkdir()
         try:
             self._spawn("rtpengine", rtpengine_command(self.policy, self.run), self.run.rtpengine_log, None)
             rtp = self.policy.rtpengine
@@ -225,7 +252,7 @@ class Stack:
                 "kamailio",
                 kamailio_command(self.policy, self.run),
                 self.run.kamailio_log,
-                kamailio_env(self.policy),
+                kamailio_env(self.policy, self.run.metrics_dir),
             )
             self._wait("kamailio", self._kamailio_ready, timeout)
             self._pin_addresses()

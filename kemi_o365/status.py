@@ -50,4 +50,23 @@ def report(rundir: Path) -> str:
     rtp = policy.rtpengine
     calls = rtpengine_ng.list_calls(rtp.control_address, rtp.control_port)
     lines.append(f"active calls (rtpengine sessions): {len(calls)}")
+    versions = policy_versions(rpc.call(run.rpc_sock, "htable.dump", "kemi_state"))
+    running = ", ".join(f"{v} in {n} process{'es' if n > 1 else ''}" for v, n in sorted(versions.items()))
+    lines.append(f"policy version {policy.version} on disk; running: {running or 'unknown'}")
+    if policy.metrics is not None:
+        m = policy.metrics
+        lines.append(f"metrics: http://{m.address}:{m.port}/metrics")
+        if m.rtpengine_port:
+            lines.append(f"         http://{m.address}:{m.rtpengine_port}/metrics (rtpengine)")
     return "\n".join(lines)
+
+
+def policy_versions(dump: Any) -> dict[str, int]:
+    """How many Kamailio processes run each policy version (htable kemi_state, key policy:<pid>)."""
+    counts: dict[str, int] = {}
+    for slot in dump if isinstance(dump, list) else []:
+        for entry in slot.get("slot", []):
+            if str(entry.get("name", "")).startswith("policy:"):
+                version = str(entry.get("value", "")).split(" ", 1)[0]
+                counts[version] = counts.get(version, 0) + 1
+    return counts

@@ -100,6 +100,8 @@ def lab_policy_on_fresh_ports(media_ports: tuple[int, int]) -> dict[str, Any]:
     data["rtpengine"]["control"]["port"] = free_port("127.0.0.1", socket.SOCK_DGRAM)
     data["cucm"]["port"] = free_both(data["cucm"]["address"])
     data["rtpengine"]["port_min"], data["rtpengine"]["port_max"] = media_ports
+    data["metrics"]["port"] = free_port("127.0.0.1")
+    data["metrics"]["rtpengine_port"] = free_port("127.0.0.1")
     return data
 
 

@@ -31,6 +31,7 @@ from kemi_o365.policy.model import (
     FloodLimit,
     InternalSide,
     KamailioSettings,
+    Metrics,
     Microsoft,
     NumberRule,
     Numbers,
@@ -671,6 +672,17 @@ def _topology(r: _Reader, node: Node | None, private_key: Path) -> TopologyHidin
     )
 
 
+def _metrics(r: _Reader, node: Node | None) -> Metrics | None:
+    if node is None:
+        return None
+    m = r.mapping(node, "metrics", {"address": True, "port": True, "rtpengine_port": False})
+    return Metrics(
+        address=r.field(m.get("address"), "metrics.address", _ip, "127.0.0.1"),
+        port=r.field(m.get("port"), "metrics.port", _port, 9095),
+        rtpengine_port=r.field(m.get("rtpengine_port"), "metrics.rtpengine_port", _port, None),
+    )
+
+
 def _masking_key(private_key: Path) -> bytes:
     """64 bytes (MAC and stream keys of topology.Masker) derived from the SBC's private key: the same
     in every worker and after a restart, as secret as the key itself, and no extra file to deploy.
@@ -740,6 +752,7 @@ def parse_policy(text: str, source: Path) -> Policy:
             "microsoft": True,
             "kamailio": False,
             "topology_hiding": False,
+            "metrics": False,
         },
     )
     version = r.field(top.get("version"), "version", _version, 1)
@@ -752,6 +765,7 @@ def parse_policy(text: str, source: Path) -> Policy:
         microsoft=_microsoft(r, top.get("microsoft")),
         kamailio=_kamailio(r, top.get("kamailio")),
         topology=_topology(r, top.get("topology_hiding"), sbc.tls.private_key),
+        metrics=_metrics(r, top.get("metrics")),
     )
     del version  # only one schema version exists; the key is required so the next one can be told apart
     if not r.problems:
@@ -759,7 +773,8 @@ def parse_policy(text: str, source: Path) -> Policy:
     if r.problems:
         # Checked section by section; reported in file order, as the operator reads the file.
         raise PolicyError(sorted(r.problems, key=lambda p: p.line))
-    return dataclasses.replace(policy, warnings=_warnings(policy))
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()
+    return dataclasses.replace(policy, warnings=_warnings(policy), version=digest)
 
 
 def _warnings(policy: Policy) -> tuple[str, ...]:

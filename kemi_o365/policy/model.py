@@ -241,6 +241,15 @@ class KamailioSettings:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """Where Prometheus scrapes the SBC (Kamailio's xhttp) and rtpengine (its own --listen-http)."""
+
+    address: str
+    port: int
+    rtpengine_port: int | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """Everything the SBC knows about its site, read from one YAML file."""
 
@@ -251,5 +260,9 @@ class Policy:
     microsoft: Microsoft
     kamailio: KamailioSettings
     topology: TopologyHiding
+    metrics: Metrics | None = None
+    """None: no metrics listener."""
+    version: str = ""
+    """A digest of the file's text: tells which policy each process runs (`kemi-o365 status`)."""
     warnings: tuple[str, ...] = ()
     """Legal but risky settings, shown by `policy check` (e.g. TLS older than 1.2)."""

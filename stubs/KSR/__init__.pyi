@@ -18,6 +18,7 @@ from . import tls as tls
 from . import tm as tm
 from . import tmx as tmx
 from . import uac as uac
+from . import xhttp as xhttp
 
 def err(msg: str) -> None: ...
 def info(msg: str) -> None: ...

@@ -87,7 +87,7 @@ BAD_CASES: list[tuple[str, Edits, str]] = [
         "unknown-top-level-key-no-close-match",
         [("kamailio:\n", "zzz: 1\nkamailio:\n")],
         "{path}:42: zzz: unknown key; known keys: version, sbc, rtpengine, cucm, microsoft, kamailio, "
-        "topology_hiding",
+        "topology_hiding, metrics",
     ),
     (
         "unknown-nested-key",
