@@ -8,7 +8,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kemi-o365-installed
 
-.PHONY: setup system venv run test lint unit bench clean
+.PHONY: setup system venv run test lint unit bench clean install
+
+# `make install`: the SBC for systemd. PREFIX holds a venv made from Debian's python3 with the package
+# (not editable: the clone may go) and Kamailio's files; the units go to SYSTEMDDIR, an example policy
+# to SYSCONFDIR unless one is there. DESTDIR stages everything under another root (packaging, tests).
+PREFIX ?= /opt/kemi-o365
+SYSCONFDIR ?= /etc/kemi-o365
+SYSTEMDDIR ?= /etc/systemd/system
+DESTDIR ?=
 
 setup: system venv
 
@@ -20,12 +28,17 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml | system
 	@if [ ! -x $(PY) ] || [ "$$($(PY) -c 'import sys; print(sys.base_prefix)')" != "/usr" ]; then \
 		echo "setup: creating $(VENV) from $(SYSTEM_PYTHON)"; rm -rf $(VENV); $(SYSTEM_PYTHON) -m venv $(VENV); fi
-	@echo "setup: installing kemi-o365 and its dependencies into $(VENV)"
+	@echo "setup: installing kemi-o365 and its dependencies into $(VENV) (pip; up to a minute) ..."
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[lab,dev]'
 	@touch $(STAMP)
 
 run: setup
 	@$(VENV)/bin/kemi-o365 demo
+
+install:
+	@if [ -z "$(DESTDIR)" ]; then bash scripts/setup-system.sh --runtime; fi
+	@DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" SYSTEMDDIR="$(SYSTEMDDIR)" \
+		bash scripts/install.sh
 
 lint: venv
 	@$(VENV)/bin/ruff check .

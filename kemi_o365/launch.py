@@ -36,7 +36,13 @@ _KAMAILIO_LINE = re.compile(r"^\s*-?\d+\(\d+\) [A-Z]+:")
 
 
 class StartError(Exception):
-    """A component did not come up; the message says which and quotes its log."""
+    """A component did not come up. The message is one sentence (what is wrong, how to fix it) when
+    `kemi_o365.startup` knows the cause; `details` keeps the log tail, `log` the log file."""
+
+    def __init__(self, message: str, *, details: str = "", log: Path | None = None) -> None:
+        super().__init__(message)
+        self.details = details
+        self.log = log
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,48 @@ def rtpengine_command(policy: Policy, run: RunDir) -> list[str]:
     ]
 
 
+def prepare_rundir(policy: Policy, run: RunDir) -> None:
+    """The files Kamailio reads from its run directory, rendered from the policy."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.tls_cfg.write_text(render_tls_cfg(policy))
+    run.dispatcher_list.write_text(render_dispatcher_list(policy))
+    run.policy_record.write_text(f"{policy.source}\n")
+    run.policy_snapshot.write_text(policy.source.read_text())
+    # Counters from an earlier run would be summed into this one's (KAMAILIO-NOTES §6).
+    shutil.rmtree(run.metrics_dir, ignore_errors=True)
+    run.metrics_dir.mkdir()
+
+
+def check_before_start(policy: Policy, *, kamailio: bool = True, rtpengine: bool = True) -> None:
+    """Raise StartError with one sentence per problem `kemi_o365.startup` finds before starting."""
+    from kemi_o365 import startup
+
+    problems = startup.check_before_start(
+        policy,
+        kamailio_cfg=KAMAILIO_DIR / "kamailio.cfg" if kamailio else None,
+        rtpengine_bin=RTPENGINE_BIN if rtpengine else None,
+    )
+    if problems:
+        raise StartError("\n".join(problems))
+
+
+def kamailio_answers(run: RunDir) -> bool:
+    try:
+        rpc.call(run.rpc_sock, "core.uptime", timeout=0.3)
+    except rpc.RpcError:
+        return False
+    return True
+
+
+def pin_addresses(policy: Policy, run: RunDir) -> None:
+    """A pinned proxy becomes a permanent entry of Kamailio's own DNS cache, so requests and
+    OPTIONS still carry its FQDN (and TLS checks it) while no DNS is asked (a lab, a firewall)."""
+    for proxy in policy.microsoft.proxies:
+        if proxy.address:
+            # dns.add_a name ttl ip flags; flag 2 = DNS_FLAG_PERMANENT (src/core/dns_cache.h).
+            rpc.call(run.rpc_sock, "dns.add_a", proxy.fqdn, 3600, proxy.address, 2)
+
+
 @dataclass
 class Stack:
     """rtpengine + Kamailio for one policy; use as a context manager so both always stop."""
@@ -233,15 +281,12 @@ class Stack:
     ) -> None:
         self.stop()
 
-    def start(self, timeout: float = 15.0) -> None:
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        self.run.tls_cfg.write_text(render_tls_cfg(self.policy))
-        self.run.dispatcher_list.write_text(render_dispatcher_list(self.policy))
-        self.run.policy_record.write_text(f"{self.policy.source}\n")
-        self.run.policy_snapshot.write_text(self.policy.source.read_text())
-        # Counters from an earlier run would be summed into this one's.
-        shutil.rmtree(self.run.metrics_dir, ignore_errors=True)
-        self.run.metrics_dir.mkdir()
+    def start(self, timeout: float = 15.0, *, precheck: bool = True) -> None:
+        """Start rtpengine, then Kamailio. `precheck` False skips `kemi_o365.startup`'s checks, so a
+        failure is explained from the log alone (what a race after the checks would look like)."""
+        if precheck:
+            check_before_start(self.policy)
+        prepare_rundir(self.policy, self.run)
         try:
             self._spawn("rtpengine", rtpengine_command(self.policy, self.run), self.run.rtpengine_log, None)
             rtp = self.policy.rtpengine
@@ -254,37 +299,32 @@ class Stack:
                 self.run.kamailio_log,
                 kamailio_env(self.policy, self.run.metrics_dir),
             )
-            self._wait("kamailio", self._kamailio_ready, timeout)
-            self._pin_addresses()
+            self._wait("kamailio", lambda: kamailio_answers(self.run), timeout)
+            pin_addresses(self.policy, self.run)
         except BaseException:
             self.stop()
             raise
 
-    def _pin_addresses(self) -> None:
-        """A pinned proxy becomes a permanent entry of Kamailio's own DNS cache, so requests and
-        OPTIONS still carry its FQDN (and TLS checks it) while no DNS is asked (a lab, a firewall)."""
-        for proxy in self.policy.microsoft.proxies:
-            if proxy.address:
-                # dns.add_a name ttl ip flags; flag 2 = DNS_FLAG_PERMANENT (src/core/dns_cache.h).
-                rpc.call(self.run.rpc_sock, "dns.add_a", proxy.fqdn, 3600, proxy.address, 2)
-
-    def _kamailio_ready(self) -> bool:
-        try:
-            rpc.call(self.run.rpc_sock, "core.uptime", timeout=0.3)
-        except rpc.RpcError:
-            return False
-        return True
-
     def _spawn(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None) -> None:
+        from kemi_o365 import startup
+
         with log.open("wb") as out:
-            self.procs[name] = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+            try:
+                self.procs[name] = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+            except FileNotFoundError as exc:
+                if name == "rtpengine":
+                    raise StartError(startup.rtpengine_missing(argv[0])) from exc
+                raise StartError(
+                    f"{name} is not installed ({argv[0]} does not exist): run `make setup` "
+                    "(apt-get install kamailio)"
+                ) from exc
 
     def _wait(self, name: str, ready: object, timeout: float) -> None:
         assert callable(ready)
@@ -292,16 +332,34 @@ class Stack:
         proc = self.procs[name]
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise StartError(
-                    f"{name} exited with code {proc.returncode} while starting:\n{self.log_tail(name)}"
-                )
+                raise self._failed(name, f"{name} exited with code {proc.returncode} while starting")
             if ready():
                 return
             time.sleep(0.1)
-        raise StartError(f"{name} did not become ready within {timeout:.0f}s:\n{self.log_tail(name)}")
+        raise self._failed(name, f"{name} did not become ready within {timeout:.0f}s")
+
+    def _failed(self, name: str, what: str) -> StartError:
+        """The sentence `kemi_o365.startup` reads out of the log, else `what` and the log tail."""
+        from kemi_o365 import startup
+
+        log = self._log(name)
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            text = ""
+        sentence = startup.explain_failure(name, text, self.policy)
+        if sentence is None and name == "rtpengine" and self.procs[name].poll() is None:
+            sentence = startup.rtpengine_unreachable(self.policy)
+        tail = self.log_tail(name)
+        if sentence is None:
+            return StartError(f"{what} (log: {log}):\n{tail}", details=tail, log=log)
+        return StartError(sentence, details=tail, log=log)
+
+    def _log(self, name: str) -> Path:
+        return self.run.kamailio_log if name == "kamailio" else self.run.rtpengine_log
 
     def log_tail(self, name: str, lines: int = 25) -> str:
-        log = self.run.kamailio_log if name == "kamailio" else self.run.rtpengine_log
+        log = self._log(name)
         try:
             text = log.read_text(errors="replace").splitlines()
         except OSError:

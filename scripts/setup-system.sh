@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages kemi-o365 needs, only those missing (idempotent), as root.
+# --runtime: only what the SBC itself runs on (`make install`), not the lab's SIPp, tshark, baresip.
 set -euo pipefail
 
 PACKAGES=(
   kamailio kamailio-python3-modules kamailio-tls-modules kamailio-extra-modules
-  rtpengine-daemon sip-tester tshark baresip
-  python3 python3-venv openssl iproute2 make
+  rtpengine-daemon python3 python3-venv openssl iproute2 make
 )
+if [[ "${1:-}" != "--runtime" ]]; then
+  PACKAGES+=(sip-tester tshark baresip)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -34,6 +37,8 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 trap '[[ $made_policy -eq 1 ]] && rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
+echo "setup: apt-get update (package lists; usually under a minute) ..."
 apt-get update -qq
+echo "setup: apt-get install ${#missing[@]} package(s) (a few minutes on a fresh machine) ..."
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "setup: installed ${#missing[@]} Debian package(s)"
