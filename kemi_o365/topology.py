@@ -5,7 +5,7 @@ Rule: pure. Functions of header text and policy; the adapter reads the headers a
 What would leak, and what happens to it (the e2e test scans every byte Microsoft receives):
 - Via: CUCM's Via headers are taken off requests toward Microsoft and put back on the replies
   (the SBC's own Via is the only one Microsoft sees).
-- Call-ID: CUCM's (`...@10.1.1.1`) is replaced by a deterministic authenticated token (Masker),
+- Call-ID: CUCM's (`...@192.0.2.1`) is replaced by a deterministic authenticated token (Masker),
   restored both ways.
 - Contact: CUCM's URI travels inside the SBC's own Contact, encrypted the same way.
 - Record-Route: the SBC's internal entry is kept off messages toward Microsoft and added back on

@@ -48,7 +48,7 @@ def test_rejection_rule(warning: str, ms_diagnostics: str, rule: str) -> None:
 
 def test_a_record_has_times_parties_code_and_media() -> None:
     state = calls.start_state(
-        "c1@10.1.20.5", "sip:10048@10.1.20.5", "sip:87000@pstn.example", "to_microsoft", 100.0
+        "c1@192.0.2.5", "sip:10048@192.0.2.5", "sip:87000@pstn.example", "to_microsoft", 100.0
     )
     state = calls.with_answer(state, 101.5)
     assert calls.with_answer(state, 150.0) == state  # only the first 2xx counts
@@ -62,8 +62,8 @@ def test_a_record_has_times_parties_code_and_media() -> None:
     )
     rec = json.loads(line)
     assert rec == {
-        "call_id": "c1@10.1.20.5",
-        "from": "sip:10048@10.1.20.5",
+        "call_id": "c1@192.0.2.5",
+        "from": "sip:10048@192.0.2.5",
         "to": "sip:87000@pstn.example",
         "direction": "to_microsoft",
         "start": 100.0,

@@ -642,9 +642,9 @@ def test_microsofts_own_sdp_extensions_do_not_reach_cucm(policy: Policy) -> None
 @pytest.mark.parametrize(
     "via",
     [
-        "SIP/2.0/TCP 10.9.9.9:5060;branch=z9hG4bK-1",  # not the address it came from
+        "SIP/2.0/TCP 203.0.113.9:5060;branch=z9hG4bK-1",  # not the address it came from
         "SIP/2.0/TCP 127.0.0.4:26012;branch=z9hG4bK-1;rport",  # Kamailio would add rport=
-        "SIP/2.0/TCP 127.0.0.4;received=10.0.0.1;branch=z9hG4bK-1",
+        "SIP/2.0/TCP 127.0.0.4;received=203.0.113.1;branch=z9hG4bK-1",
         "SIP/2.0/TCP cucm-pub.corp.example:5060;branch=z9hG4bK-1",  # a name, not an address
     ],
 )

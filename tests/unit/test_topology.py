@@ -18,13 +18,13 @@ from tests.helpers import lab_policy, lab_policy_text
 
 SBC_FQDN = "sbc-o365.example.com"
 MS_FQDN = "2b7c6e1a-5d3f-4a8b-9c0e-7f1d2a3b4c5d.um.example.net"
-CUCM = "10.1.20.5"
+CUCM = "192.0.2.5"
 CALL_ID = f"a1b2c3d4-1@{CUCM}"
 
 # A CUCM INVITE as it arrives (seed 000 shape), with an internal address CUCM really uses.
 CUCM_HEADERS = f"""INVITE sip:87000@pstn-o365.example.com SIP/2.0
 Via: SIP/2.0/TCP {CUCM}:5060;branch=z9hG4bK1a2b3c
-v: SIP/2.0/TCP 10.1.20.6:5060;branch=z9hG4bK99
+v: SIP/2.0/TCP 192.0.2.6:5060;branch=z9hG4bK99
 From: "10048 - Armstrong, Clint" <sip:10048@{CUCM}>;tag=94213~3cc4
 To: <sip:87000@pstn-o365.example.com>
 i: {CALL_ID}
@@ -45,7 +45,7 @@ Max-Forwards: 70
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
     # CUCM on an address of its own network, as in a real deployment.
-    cucm = {"sources: [127.0.0.4/32]": "sources: [127.0.0.4/32, 10.1.20.0/24]"}
+    cucm = {"sources: [127.0.0.4/32]": "sources: [127.0.0.4/32, 192.0.2.0/24]"}
     return lab_policy(tmp_path_factory.mktemp("policy"), cucm)
 
 
@@ -79,7 +79,7 @@ def applied(headers: tuple[tuple[str, str], ...], edits: HeaderEdits) -> list[tu
 
 
 def leaks(headers: list[tuple[str, str]]) -> list[str]:
-    internal = re.compile(r"10\.1\.20\.\d+|cisco|devicename|SEP0011", re.I)
+    internal = re.compile(r"192\.0\.2\.\d+|cisco|devicename|SEP0011", re.I)
     return [f"{n}: {v}" for n, v in headers if internal.search(f"{n}: {v}")]
 
 
@@ -97,7 +97,7 @@ def test_an_initial_invite_carries_nothing_of_cucm(policy: Policy) -> None:
     # Both of CUCM's Vias (one compact) wait for the replies, in order.
     assert decision.stash == (
         f"Via: SIP/2.0/TCP {CUCM}:5060;branch=z9hG4bK1a2b3c\r\n"
-        "Via: SIP/2.0/TCP 10.1.20.6:5060;branch=z9hG4bK99\r\n"
+        "Via: SIP/2.0/TCP 192.0.2.6:5060;branch=z9hG4bK99\r\n"
     )
 
 
@@ -223,16 +223,16 @@ def test_header_values_parse_with_folding_and_compact_names() -> None:
     assert topology.values(parsed, "Call-ID") == [CALL_ID]
     assert len(topology.values(parsed, "via")) == 2
     (info,) = topology.values(parsed, "Call-Info")
-    assert info.endswith('<sip:10.1.20.5:5060>;method="NOTIFY;Event=telephone-event"')
+    assert info.endswith('<sip:192.0.2.5:5060>;method="NOTIFY;Event=telephone-event"')
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("<sip:10048@10.1.20.5:5060;user=phone>", "<sip:10048@sbc.example>"[:-1] + ";user=phone>"),
-        ('"A" <sips:10.1.20.5>', '"A" <sips:sbc.example>'),
+        ("<sip:10048@192.0.2.5:5060;user=phone>", "<sip:10048@sbc.example>"[:-1] + ";user=phone>"),
+        ('"A" <sips:192.0.2.5>', '"A" <sips:sbc.example>'),
         ("<tel:+4420794601>", "<tel:+4420794601>"),
-        ("<sip:a@[2001:db8::1]:5060>, <sip:b@10.0.0.1>", "<sip:a@sbc.example>, <sip:b@sbc.example>"),
+        ("<sip:a@[2001:db8::1]:5060>, <sip:b@203.0.113.1>", "<sip:a@sbc.example>, <sip:b@sbc.example>"),
     ],
 )
 def test_rewrite_host(value: str, expected: str) -> None:
