@@ -51,8 +51,18 @@ test: setup lint
 unit: venv
 	@$(VENV)/bin/pytest tests/unit
 
-# Long runs, not part of `make test` (which holds a short version of each so they cannot rot).
-bench: setup
+# Long runs, not part of `make test` (which holds a short version of each so they cannot rot):
+# kemi-o365 against native kamailio.cfg (benchmarks/results/latest.json + report.md), then the TLS soak.
+# matplotlib (the report's plots) is installed here only, once: `make test` does not need it.
+BENCH_STAMP := $(VENV)/.kemi-o365-bench-installed
+
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	@echo "setup: installing the bench extra (matplotlib) into $(VENV) ..."
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[lab,dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	@$(PY) benchmarks/bench.py
 	@$(PY) benchmarks/tls_soak.py --connections 50000 --minutes 10
 
 clean:

@@ -144,7 +144,8 @@ def _quoted(value: object) -> str:
     return '"' + str(value).replace('"', "") + '"'
 
 
-def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
+def kamailio_command(policy: Policy, run: RunDir, cfg: Path | None = None) -> list[str]:
+    """Kamailio's command line: `cfg` (default: kamailio/kamailio.cfg) with the policy as -A defines."""
     sbc = policy.sbc
     defines = {
         "CUCM_ADDR": sbc.internal.address,
@@ -168,7 +169,8 @@ def kamailio_command(policy: Policy, run: RunDir) -> list[str]:
     }
     # -w: a crash's core file lands in the run directory, not in / (where Kamailio would cd).
     root = str(run.root)
-    argv = [KAMAILIO_BIN, "-f", str(KAMAILIO_DIR / "kamailio.cfg"), "-DD", "-E", "-Y", root, "-w", root]
+    cfg_file = str(cfg or KAMAILIO_DIR / "kamailio.cfg")
+    argv = [KAMAILIO_BIN, "-f", cfg_file, "-DD", "-E", "-Y", root, "-w", root]
     if Transport.UDP in sbc.internal.transports:
         argv += ["-A", "WITH_CUCM_UDP"]
     if Transport.TCP in sbc.internal.transports:
@@ -234,13 +236,15 @@ def prepare_rundir(policy: Policy, run: RunDir) -> None:
     run.metrics_dir.mkdir()
 
 
-def check_before_start(policy: Policy, *, kamailio: bool = True, rtpengine: bool = True) -> None:
+def check_before_start(
+    policy: Policy, *, kamailio: bool = True, rtpengine: bool = True, kamailio_cfg: Path | None = None
+) -> None:
     """Raise StartError with one sentence per problem `kemi_o365.startup` finds before starting."""
     from kemi_o365 import startup
 
     problems = startup.check_before_start(
         policy,
-        kamailio_cfg=KAMAILIO_DIR / "kamailio.cfg" if kamailio else None,
+        kamailio_cfg=(kamailio_cfg or KAMAILIO_DIR / "kamailio.cfg") if kamailio else None,
         rtpengine_bin=RTPENGINE_BIN if rtpengine else None,
     )
     if problems:
@@ -271,6 +275,8 @@ class Stack:
     policy: Policy
     run: RunDir
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    kamailio_cfg: Path | None = None
+    """Another Kamailio configuration taking the same -A defines (benchmarks/native/kamailio.cfg)."""
 
     def __enter__(self) -> Stack:
         self.start()
@@ -285,7 +291,7 @@ class Stack:
         """Start rtpengine, then Kamailio. `precheck` False skips `kemi_o365.startup`'s checks, so a
         failure is explained from the log alone (what a race after the checks would look like)."""
         if precheck:
-            check_before_start(self.policy)
+            check_before_start(self.policy, kamailio_cfg=self.kamailio_cfg)
         prepare_rundir(self.policy, self.run)
         try:
             self._spawn("rtpengine", rtpengine_command(self.policy, self.run), self.run.rtpengine_log, None)
@@ -295,7 +301,7 @@ class Stack:
             )
             self._spawn(
                 "kamailio",
-                kamailio_command(self.policy, self.run),
+                kamailio_command(self.policy, self.run, self.kamailio_cfg),
                 self.run.kamailio_log,
                 kamailio_env(self.policy, self.run.metrics_dir),
             )

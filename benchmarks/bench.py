@@ -1,0 +1,947 @@
+"""Calls per second, latency, CPU per call and the OPTIONS ceiling: kemi-o365 (Python KEMI) against
+Kamailio's native configuration doing the same seed call (benchmarks/native/kamailio.cfg).
+
+    .venv/bin/python benchmarks/bench.py                 # the full run (about 15 minutes)
+    .venv/bin/python benchmarks/bench.py --smoke --output-dir DIR --no-plots   # seconds, for make test
+
+Everything runs on this machine on loopback: for each contender a fresh lab (rtpengine, Kamailio from
+kemi_o365.launch with the same -A defines and policy, the Python mutual-TLS Microsoft peer), SIPp as
+CUCM over one TCP connection. The contenders alternate at every step (kemi first at even steps, native
+first at odd ones), so drift of the machine falls on both.
+
+  calls     SIPp seed call (INVITE with SDP through rtpengine offer/answer, 200, ACK, --hold-ms, BYE) at
+            rising rates, each step --step-seconds long; a rate is sustained when under 0.1% of the
+            calls failed and SIPp created at least 95% of the calls the rate asks for. Kamailio CPU is
+            utime+stime of every Kamailio process (its process group, /proc) before and after the
+            step; rtpengine's the same; the peer's is this process's (it runs here, in threads);
+            SIPp's from its rusage. Kamailio shared memory (RPC core.shmmem) and rtpengine's RSS are
+            sampled in the middle of the step against the calls rtpengine holds then.
+  latency   INVITE -> 200 as CUCM's socket sees it, from a tshark capture on lo (SIPp 3.6.1's own
+            response times are quantised to about 4 ms), at a rate both contenders sustain; the
+            peer's own time (INVITE received -> 200 sent, its timestamps) is subtracted per call to
+            give what the SBC adds.
+  options   a closed-loop UDP driver in this process (a window of requests in flight) sends
+            OPTIONS from CUCM's address; answered per second and Kamailio CPU per OPTIONS.
+
+Writes DIR/latest.json (the keys below, null with a note under "limits" for what was not measured)
+and DIR/report.md with PNG plots when matplotlib is installed (`pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import resource
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+NATIVE_CFG = REPO / "benchmarks" / "native" / "kamailio.cfg"
+RESULTS = REPO / "benchmarks" / "results"
+SCENARIO = REPO / "sipp-scenarios" / "seed-call" / "uac.xml"
+CONTENDERS: dict[str, Path | None] = {"kemi": None, "native": NATIVE_CFG}
+MAX_FAILED_PCT = 0.1
+MIN_RATE_SHARE = 0.95
+TICK = os.sysconf("SC_CLK_TCK")
+CUCM_IP = "127.0.0.4"
+
+
+# --- the machine and its processes ------------------------------------------------------------------
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unavailable ({exc})"
+    out = (done.stdout or done.stderr).strip()
+    return out.splitlines()[0] if out else "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (copied approach: benchmarks/tls_soak.py)."""
+    from kemi_o365.launch import KAMAILIO_BIN, RTPENGINE_BIN
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_mb": mem_kb // 1024,
+        "kernel": platform.release(),
+        "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "kamailio": _first_line([KAMAILIO_BIN, "-v"]),
+        "rtpengine": _first_line([RTPENGINE_BIN, "--version"]),
+        "sipp": _first_line(["sipp", "-v"]),
+        "python": platform.python_version(),
+    }
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of `pids` (threads included), seconds; a process gone meanwhile counts 0."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            f = _stat_fields(pid)
+            total += int(f[11]) + int(f[12])
+    return total / TICK
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process in process group `pgid` (Kamailio's main process and its forked workers)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            if int(_stat_fields(entry.name)[2]) == pgid:
+                out.append(int(entry.name))
+    return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return float(sum(parts) - idle), float(sum(parts))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# --- one lab per contender and step ----------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    name: str
+    policy: Any
+    peer: Any
+    stack: Any
+    root: Path
+
+    @property
+    def kamailio_pids(self) -> list[int]:
+        return group_pids(self.stack.procs["kamailio"].pid)
+
+    @property
+    def rtpengine_pid(self) -> int:
+        pid: int = self.stack.procs["rtpengine"].pid
+        return pid
+
+    @property
+    def sbc_cucm_port(self) -> int:
+        port: int = self.policy.sbc.internal.port
+        return port
+
+    def shm_used(self) -> int:
+        from kemi_o365 import rpc
+
+        result = rpc.call(self.stack.run.rpc_sock, "core.shmmem")
+        if not isinstance(result, dict):
+            return 0
+        return int(result.get("real_used") or result.get("used") or 0)
+
+    def rtpengine_calls(self) -> int:
+        from kemi_o365 import rtpengine_ng
+
+        rtp = self.policy.rtpengine
+        return len(rtpengine_ng.list_calls(rtp.control_address, rtp.control_port))
+
+
+@contextlib.contextmanager
+def lab(name: str, root: Path, media_ports: tuple[int, int], children: int) -> Iterator[Lab]:
+    import yaml
+
+    from kemi_o365.lab.demo import lab_policy_on_fresh_ports, microsoft_peer, prepare_lab
+    from kemi_o365.launch import RunDir, Stack
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = lab_policy_on_fresh_ports(media_ports)
+    data["kamailio"]["children"] = children
+    policy = prepare_lab(root, yaml.safe_dump(data, sort_keys=False))
+    with (
+        microsoft_peer(policy, root / "pki") as peer,
+        Stack(policy, RunDir(root / "run"), kamailio_cfg=CONTENDERS[name]) as stack,
+    ):
+        yield Lab(name, policy, peer, stack, root)
+
+
+def warm_up(lb: Lab) -> None:
+    """One traced seed call: opens the TLS connection to the peer and proves the contender works."""
+    from kemi_o365.lab.demo import place_seed_call
+
+    outcome = place_seed_call(lb.policy, lb.peer, lb.root / "warmup")
+    if outcome.problems:
+        raise RuntimeError(f"{lb.name}: the warm-up seed call failed: {'; '.join(outcome.problems)}")
+
+
+# --- SIPp at a rate --------------------------------------------------------------------------------
+
+
+@dataclass
+class SippRun:
+    exit_code: int
+    created: int
+    successful: int
+    failed: int
+    elapsed_s: float
+    cpu_s: float
+    complaint: str
+
+
+def run_sipp_load(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path) -> SippRun:
+    """SIPp as CUCM: `rate` seed calls per second for `seconds`, one TCP connection, no traces but
+    the statistics file and the errors; bounded by its own -timeout and ours."""
+    from kemi_o365.lab.sipp import exit_meaning, free_port
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    calls = max(1, round(rate * seconds))
+    stat = workdir / "stat.csv"
+    limit_s = seconds + 30
+    cmd = ["sipp", f"127.0.0.1:{lb.sbc_cucm_port}", "-sf", str(SCENARIO), "-t", "t1"]
+    cmd += ["-i", CUCM_IP, "-p", str(free_port(CUCM_IP)), "-s", "87000", "-m", str(calls)]
+    cmd += ["-r", f"{rate:g}", "-l", str(max(100, int(rate * 10)))]
+    cmd += ["-nostdin", "-timeout", f"{limit_s:.0f}s", "-timeout_error", "-recv_timeout", "10000"]
+    cmd += ["-mi", CUCM_IP, "-mp", str(free_port(CUCM_IP, socket.SOCK_DGRAM))]
+    cmd += ["-key", "ruri_host", "pstn-o365.example.com", "-key", "hold_ms", str(hold_ms)]
+    cmd += ["-key", "rtp_port", "6000", "-trace_stat", "-stf", str(stat), "-fd", "1"]
+    cmd += ["-trace_err", "-error_file", str(workdir / "errors.log")]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    with open(workdir / "sipp.out", "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)  # fmt: skip
+    try:
+        proc.wait(limit_s + 15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row = _last_stat_row(stat)
+    errors = (workdir / "errors.log").read_text(errors="replace") if (workdir / "errors.log").exists() else ""
+    return SippRun(
+        exit_code=proc.returncode,
+        created=int(row.get("TotalCallCreated", 0) or 0),
+        successful=int(row.get("SuccessfulCall(C)", 0) or 0),
+        failed=int(row.get("FailedCall(C)", 0) or 0),
+        elapsed_s=elapsed,
+        cpu_s=cpu,
+        complaint="" if proc.returncode == 0 else f"{exit_meaning(proc.returncode)}: {errors[-300:].strip()}",
+    )
+
+
+def _last_stat_row(path: Path) -> dict[str, str]:
+    try:
+        rows = list(csv.reader(path.read_text(errors="replace").splitlines(), delimiter=";"))
+    except OSError:
+        return {}
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows[0], rows[-1], strict=False))
+
+
+# --- calls step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CallStep:
+    contender: str
+    rate: float
+    seconds: float
+    created: int
+    successful: int
+    failed: int
+    failed_pct: float
+    achieved_cps: float
+    sustained: bool
+    kamailio_cpu_s: float
+    rtpengine_cpu_s: float
+    peer_cpu_s: float
+    sipp_cpu_s: float
+    machine_busy_pct: float
+    concurrent_calls: int
+    kamailio_shm_per_call_bytes: float | None
+    rtpengine_rss_per_call_bytes: float | None
+    sipp_exit: int
+    complaint: str = ""
+
+    @property
+    def kamailio_us_per_call(self) -> float | None:
+        return self.kamailio_cpu_s / self.successful * 1e6 if self.successful else None
+
+    @property
+    def rtpengine_us_per_call(self) -> float | None:
+        return self.rtpengine_cpu_s / self.successful * 1e6 if self.successful else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kamailio_cpu_us_per_call"] = self.kamailio_us_per_call
+        out["rtpengine_cpu_us_per_call"] = self.rtpengine_us_per_call
+        return out
+
+
+def call_step(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path) -> CallStep:
+    k_pids = lb.kamailio_pids
+    idle_shm, idle_rss = lb.shm_used(), rss_bytes(lb.rtpengine_pid)
+    k0, r0, p0 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
+    b0, t0 = machine_busy()
+    sample: dict[str, int] = {}
+
+    def sample_mid() -> None:
+        time.sleep(seconds / 2)
+        with contextlib.suppress(Exception):
+            sample["calls"] = lb.rtpengine_calls()
+            sample["shm"] = lb.shm_used()
+            sample["rss"] = rss_bytes(lb.rtpengine_pid)
+
+    import threading
+
+    sampler = threading.Thread(target=sample_mid, daemon=True)
+    sampler.start()
+    run = run_sipp_load(lb, rate, seconds, hold_ms, workdir)
+    sampler.join(5)
+    k1, r1, p1 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
+    b1, t1 = machine_busy()
+    asked = max(1, round(rate * seconds))
+    done = run.successful + run.failed
+    failed_pct = 100.0 * (run.failed + max(0, run.created - done)) / max(1, run.created)
+    calls_mid = sample.get("calls", 0)
+    per_call_shm = (sample["shm"] - idle_shm) / calls_mid if calls_mid and "shm" in sample else None
+    per_call_rss = (sample["rss"] - idle_rss) / calls_mid if calls_mid and "rss" in sample else None
+    return CallStep(
+        contender=lb.name,
+        rate=rate,
+        seconds=seconds,
+        created=run.created,
+        successful=run.successful,
+        failed=run.failed,
+        failed_pct=round(failed_pct, 4),
+        achieved_cps=round(run.created / max(seconds, run.elapsed_s - 0.0), 2),
+        sustained=failed_pct < MAX_FAILED_PCT and run.created >= MIN_RATE_SHARE * asked,
+        kamailio_cpu_s=round(k1 - k0, 3),
+        rtpengine_cpu_s=round(r1 - r0, 3),
+        peer_cpu_s=round(p1 - p0, 3),
+        sipp_cpu_s=round(run.cpu_s, 3),
+        machine_busy_pct=round(100.0 * (b1 - b0) / max(1.0, t1 - t0), 1),
+        concurrent_calls=calls_mid,
+        kamailio_shm_per_call_bytes=per_call_shm,
+        rtpengine_rss_per_call_bytes=per_call_rss,
+        sipp_exit=run.exit_code,
+        complaint=run.complaint,
+    )
+
+
+# --- latency from a capture ------------------------------------------------------------------------
+
+
+@dataclass
+class Latency:
+    contender: str
+    rate: float
+    calls: int
+    at_cucm_ms: list[float] = field(default_factory=list)
+    sbc_added_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        def q(values: list[float], p: float) -> float | None:
+            v = percentile(values, p)
+            return None if v is None else round(v, 3)
+
+        return {
+            "contender": self.contender,
+            "rate": self.rate,
+            "calls_measured": len(self.at_cucm_ms),
+            "invite_to_200_at_cucm_ms": {"p50": q(self.at_cucm_ms, 50), "p99": q(self.at_cucm_ms, 99)},
+            "sbc_added_ms": {"p50": q(self.sbc_added_ms, 50), "p99": q(self.sbc_added_ms, 99)},
+        }
+
+
+@contextlib.contextmanager
+def capture(pcap: Path, port: int, max_s: float) -> Iterator[None]:
+    """tshark on lo for CUCM's TCP leg, bounded by -a duration; stopped by its PID (SIGINT)."""
+    cmd = ["tshark", "-i", "lo", "-w", str(pcap), "-f", f"tcp port {port}", "-a", f"duration:{max_s:.0f}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 15
+    started = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            line = proc.stderr.readline()
+            if "Capturing on" in line:
+                started = True
+                break
+            if not line and proc.poll() is not None:
+                break
+    if not started:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)
+        raise RuntimeError("tshark did not start capturing on lo (is it installed, may this user capture?)")
+    time.sleep(0.3)
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(2)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        proc.stderr.close()
+
+
+def invite_to_200_at_cucm(pcap: Path, sbc_port: int) -> dict[str, float]:
+    """From tag -> seconds from CUCM's INVITE to the 200 OK for it, as captured on CUCM's leg. Frames
+    toward the SBC carry only SIPp's requests and frames from it only responses, so the per-frame
+    field lists of several SIP messages in one segment stay aligned."""
+    cmd = ["tshark", "-r", str(pcap), "-d", f"tcp.port=={sbc_port},sip", "-Y", "sip", "-T", "fields"]
+    cmd += ["-e", "frame.time_epoch", "-e", "tcp.srcport", "-e", "sip.from.tag", "-e", "sip.CSeq.method"]
+    cmd += ["-e", "sip.Status-Code", "-E", "occurrence=a", "-E", "aggregator=|", "-E", "separator=;"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False).stdout
+    invites: dict[str, float] = {}
+    answers: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.split(";")
+        if len(parts) < 5:
+            continue
+        at, src = float(parts[0]), int(parts[1] or 0)
+        tags, methods, codes = parts[2].split("|"), parts[3].split("|"), parts[4].split("|")
+        if src != sbc_port:
+            for tag, method in zip(tags, methods, strict=False):
+                if method == "INVITE":
+                    invites.setdefault(tag, at)
+        else:
+            for tag, method, code in zip(tags, methods, codes, strict=False):
+                if method == "INVITE" and code == "200":
+                    answers.setdefault(tag, at)
+    return {tag: answers[tag] - invites[tag] for tag in invites if tag in answers}
+
+
+def peer_times(peer: Any) -> dict[str, float]:
+    """From tag -> seconds the Microsoft peer took from the INVITE it received to the 200 it sent."""
+    from kemi_o365.sipmsg import header_param
+
+    received: dict[str, float] = {}
+    for r in list(peer.received):
+        if r.msg.is_request and r.msg.method == "INVITE":
+            tag = header_param(r.msg.get("From"), "tag")
+            if tag:
+                received.setdefault(tag, r.wall)
+    out: dict[str, float] = {}
+    for s in list(peer.sent):
+        if not s.msg.is_request and s.msg.status == 200 and s.msg.method == "INVITE":
+            tag = header_param(s.msg.get("From"), "tag")
+            if tag and tag in received:
+                out.setdefault(tag, s.wall - received[tag])
+    return out
+
+
+def latency_run(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path) -> Latency:
+    workdir.mkdir(parents=True, exist_ok=True)
+    pcap = workdir / "cucm-leg.pcap"
+    with capture(pcap, lb.sbc_cucm_port, seconds + 40):
+        run_sipp_load(lb, rate, seconds, hold_ms, workdir)
+    at_cucm = invite_to_200_at_cucm(pcap, lb.sbc_cucm_port)
+    at_peer = peer_times(lb.peer)
+    result = Latency(lb.name, rate, len(at_cucm))
+    for tag, total in at_cucm.items():
+        result.at_cucm_ms.append(total * 1000)
+        if tag in at_peer:
+            result.sbc_added_ms.append((total - at_peer[tag]) * 1000)
+    return result
+
+
+# --- OPTIONS ceiling -------------------------------------------------------------------------------
+
+
+@dataclass
+class OptionsRun:
+    contender: str
+    seconds: float
+    window: int
+    sent: int
+    answered: int
+    answered_per_s: float
+    kamailio_cpu_s: float
+    driver_cpu_s: float
+    machine_busy_pct: float
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kamailio_cpu_us_per_options"] = (
+            self.kamailio_cpu_s / self.answered * 1e6 if self.answered else None
+        )
+        return out
+
+
+def options_run(lb: Lab, seconds: float, window: int) -> OptionsRun:
+    """Closed loop: `window` OPTIONS in flight over UDP from CUCM's address, for `seconds`."""
+    target = ("127.0.0.1", lb.sbc_cucm_port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((CUCM_IP, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    port = sock.getsockname()[1]
+    head = (
+        f"OPTIONS sip:ping@127.0.0.1:{lb.sbc_cucm_port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {CUCM_IP}:{port};branch=z9hG4bK-b"
+    ).encode()
+    tail = (
+        f"\r\nFrom: <sip:ping@{CUCM_IP}>;tag=bench\r\nTo: <sip:ping@127.0.0.1>\r\n"
+        "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\nCall-ID: b"
+    ).encode()
+    k_pids = lb.kamailio_pids
+    k0, d0 = cpu_seconds(k_pids), cpu_seconds([os.getpid()])
+    b0, t0 = machine_busy()
+    sent = answered = in_flight = 0
+    sock.setblocking(False)
+    end = time.monotonic() + seconds
+    last_answer = time.monotonic()
+    try:
+        while time.monotonic() < end:
+            while in_flight < window:
+                n = str(sent).encode()
+                sock.sendto(head + n + tail + n + b"\r\n\r\n", target)
+                sent += 1
+                in_flight += 1
+            ready, _, _ = select.select([sock], [], [], 0.05)
+            if not ready:
+                if time.monotonic() - last_answer > 0.2:
+                    in_flight = 0  # lost (dropped by a full socket buffer): refill the window
+                continue
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except BlockingIOError:
+                    break
+                in_flight = max(0, in_flight - 1)
+                last_answer = time.monotonic()
+                if data.startswith(b"SIP/2.0 200"):
+                    answered += 1
+    finally:
+        sock.close()
+    k1, d1 = cpu_seconds(k_pids), cpu_seconds([os.getpid()])
+    b1, t1 = machine_busy()
+    return OptionsRun(
+        contender=lb.name,
+        seconds=seconds,
+        window=window,
+        sent=sent,
+        answered=answered,
+        answered_per_s=round(answered / seconds, 1),
+        kamailio_cpu_s=round(k1 - k0, 3),
+        driver_cpu_s=round(d1 - d0, 3),
+        machine_busy_pct=round(100.0 * (b1 - b0) / max(1.0, t1 - t0), 1),
+    )
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    rates: list[float]
+    step_seconds: float
+    hold_ms: int
+    latency_rate: float
+    latency_seconds: float
+    options_seconds: float
+    options_window: int
+    options_rounds: int
+    children: int
+    smoke: bool
+
+
+def order(step: int) -> list[str]:
+    names = list(CONTENDERS)
+    return names if step % 2 == 0 else names[::-1]
+
+
+def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
+    # Below the kernel's ephemeral ports (32768+) and apart from the e2e tests' windows (21000-29039):
+    # 4 ports per concurrent call, so 10000 hold 2500 calls.
+    smoke_base = 29100 + (os.getpid() % 4) * 200
+    media_ports = (10000, 19999) if not cfg.smoke else (smoke_base, smoke_base + 199)
+    steps: list[CallStep] = []
+    stopped: set[str] = set()
+    for i, rate in enumerate(cfg.rates):
+        for name in order(i):
+            if name in stopped:
+                continue
+            with lab(name, work / f"calls-{name}-{rate:g}", media_ports, cfg.children) as lb:
+                warm_up(lb)
+                step = call_step(lb, rate, cfg.step_seconds, cfg.hold_ms, lb.root / "sipp-load")
+            steps.append(step)
+            log(
+                f"calls {name:6} {rate:6g}/s: {step.successful}/{step.created} ok, "
+                f"failed {step.failed_pct}%, "
+                f"Kamailio {step.kamailio_us_per_call or 0:.0f} us/call, rtpengine "
+                f"{step.rtpengine_us_per_call or 0:.0f} us/call, peer {step.peer_cpu_s:.1f} s, "
+                f"SIPp {step.sipp_cpu_s:.1f} s CPU, machine {step.machine_busy_pct}% busy"
+            )
+            if not step.sustained:
+                stopped.add(name)
+        if stopped == set(CONTENDERS):
+            break
+    max_cps = {
+        n: max((s.rate for s in steps if s.contender == n and s.sustained), default=0.0) for n in CONTENDERS
+    }
+    common = min(max_cps.values())
+    latency_rate = min(cfg.latency_rate, common) if common else cfg.rates[0]
+    latencies: dict[str, Latency] = {}
+    for name in order(len(cfg.rates)):
+        with lab(name, work / f"latency-{name}", media_ports, cfg.children) as lb:
+            warm_up(lb)
+            latencies[name] = latency_run(
+                lb, latency_rate, cfg.latency_seconds, cfg.hold_ms, lb.root / "sipp"
+            )
+        log(f"latency {name}: {latencies[name].summary()}")
+    options: list[OptionsRun] = []
+    for r in range(cfg.options_rounds):
+        for name in order(r):
+            with lab(name, work / f"options-{name}-{r}", media_ports, cfg.children) as lb:
+                run = options_run(lb, cfg.options_seconds, cfg.options_window)
+            options.append(run)
+            log(
+                f"options {name}: {run.answered_per_s:.0f}/s answered, Kamailio "
+                f"{run.kamailio_cpu_s / max(1, run.answered) * 1e6:.1f} us/OPTIONS, driver "
+                f"{run.driver_cpu_s:.1f} s CPU in {run.seconds:g} s, machine {run.machine_busy_pct}% busy"
+            )
+    return summarise(cfg, steps, max_cps, latency_rate=latency_rate, latencies=latencies, options=options)
+
+
+def _at_rate(steps: list[CallStep], name: str, rate: float) -> CallStep | None:
+    return next((s for s in steps if s.contender == name and s.rate == rate), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarise(
+    cfg: Config,
+    steps: list[CallStep],
+    max_cps: dict[str, float],
+    *,
+    latency_rate: float,
+    latencies: dict[str, Latency],
+    options: list[OptionsRun],
+) -> dict[str, Any]:
+    common = min(max_cps.values())
+    cpu_rate = common or cfg.rates[0]
+    at = {n: _at_rate(steps, n, cpu_rate) for n in CONTENDERS}
+    lat = {n: latencies[n].summary() for n in latencies}
+    opt_best = {
+        n: max((o.answered_per_s for o in options if o.contender == n), default=0.0) for n in CONTENDERS
+    }
+    opt_cpu = {
+        n: statistics.median(
+            [o.kamailio_cpu_s / o.answered * 1e6 for o in options if o.contender == n and o.answered]
+        )
+        if any(o.contender == n and o.answered for o in options)
+        else None
+        for n in CONTENDERS
+    }
+
+    def us(n: str) -> float | None:
+        s = at[n]
+        v = s.kamailio_us_per_call if s else None
+        return round(v, 1) if v is not None else None
+
+    def rtp_us(n: str) -> float | None:
+        s = at[n]
+        v = s.rtpengine_us_per_call if s else None
+        return round(v, 1) if v is not None else None
+
+    def p99(n: str) -> float | None:
+        value = lat.get(n, {}).get("sbc_added_ms", {}).get("p99")
+        return float(value) if value is not None else None
+
+    limits = limits_notes(steps, options, max_cps, cfg)
+    peak = [s for s in steps if s.concurrent_calls]
+    mem_k = [s.kamailio_shm_per_call_bytes for s in peak if s.kamailio_shm_per_call_bytes is not None]
+    mem_r = [s.rtpengine_rss_per_call_bytes for s in peak if s.rtpengine_rss_per_call_bytes is not None]
+    return {
+        "benchmark": "kemi-vs-native",
+        "smoke": cfg.smoke,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "parameters": asdict(cfg),
+        "kemi_max_cps": max_cps["kemi"],
+        "native_max_cps": max_cps["native"],
+        "cpu_rate_cps": cpu_rate,
+        "kemi_cpu_us_per_call": us("kemi"),
+        "native_cpu_us_per_call": us("native"),
+        "kemi_rtpengine_cpu_us_per_call": rtp_us("kemi"),
+        "native_rtpengine_cpu_us_per_call": rtp_us("native"),
+        "latency_rate_cps": latency_rate,
+        "kemi_p50_ms": lat.get("kemi", {}).get("sbc_added_ms", {}).get("p50"),
+        "native_p50_ms": lat.get("native", {}).get("sbc_added_ms", {}).get("p50"),
+        "kemi_p99_ms": p99("kemi"),
+        "native_p99_ms": p99("native"),
+        "options_max_rps_kemi": opt_best["kemi"],
+        "options_max_rps_native": opt_best["native"],
+        "kemi_cpu_us_per_options": round(opt_cpu["kemi"], 2) if opt_cpu["kemi"] is not None else None,
+        "native_cpu_us_per_options": round(opt_cpu["native"], 2) if opt_cpu["native"] is not None else None,
+        "media_max_calls": None,
+        "media_loss_pct": None,
+        "kamailio_shm_bytes_per_call": round(statistics.median(mem_k)) if mem_k else None,
+        "rtpengine_rss_bytes_per_call": round(statistics.median(mem_r)) if mem_r else None,
+        "ratios": {
+            "cpu_per_call_kemi_over_native": _ratio(us("kemi"), us("native")),
+            "cpu_per_options_kemi_over_native": _ratio(opt_cpu["kemi"], opt_cpu["native"]),
+            "max_cps_kemi_over_native": _ratio(max_cps["kemi"], max_cps["native"]),
+            "options_rps_kemi_over_native": _ratio(opt_best["kemi"], opt_best["native"]),
+            "p99_kemi_over_native": _ratio(p99("kemi"), p99("native")),
+        },
+        "limits": limits,
+        "steps": [s.to_json() for s in steps],
+        "latency": lat,
+        "latency_samples_ms": {n: sorted(latencies[n].sbc_added_ms) for n in latencies},
+        "options": [o.to_json() for o in options],
+    }
+
+
+def limits_notes(
+    steps: list[CallStep], options: list[OptionsRun], max_cps: dict[str, float], cfg: Config
+) -> list[str]:
+    notes = [
+        "media_max_calls, media_loss_pct: not measured yet (RTP<->SRTP relay capacity of rtpengine in user "
+        "space is a separate run, not in this harness)",
+    ]
+    top = max(cfg.rates)
+    for n, cps in max_cps.items():
+        if cps >= top:
+            notes.append(f"{n}: sustained the highest rate tried ({top:g}/s); its ceiling is above that")
+    for s in steps:
+        if s.sustained:
+            continue
+        hints = []
+        if s.peer_cpu_s >= 0.85 * s.seconds:
+            hints.append(
+                f"the Python Microsoft peer used {s.peer_cpu_s:.1f} s CPU in {s.seconds:g} s (one core)"
+            )
+        if s.sipp_cpu_s >= 0.85 * s.seconds:
+            hints.append(f"SIPp used {s.sipp_cpu_s:.1f} s CPU in {s.seconds:g} s (one core)")
+        if s.machine_busy_pct >= 90:
+            hints.append(f"the machine was {s.machine_busy_pct}% busy (every core)")
+        where = "; ".join(hints) or "no load-generator or peer saturation seen"
+        notes.append(f"{s.contender} failed at {s.rate:g}/s ({s.failed_pct}% failed): {where}")
+    for o in options:
+        if o.driver_cpu_s >= 0.85 * o.seconds:
+            notes.append(
+                f"OPTIONS {o.contender}: the Python UDP driver used {o.driver_cpu_s:.1f} s CPU in "
+                f"{o.seconds:g} s: the load generator, not Kamailio, is the limit of "
+                f"{o.answered_per_s:.0f}/s; compare Kamailio CPU per OPTIONS instead"
+            )
+        elif o.machine_busy_pct >= 90:
+            notes.append(
+                f"OPTIONS {o.contender}: the machine was {o.machine_busy_pct}% busy (Kamailio and the "
+                f"driver share its {os.cpu_count()} cores; driver {o.driver_cpu_s:.1f} s CPU in "
+                f"{o.seconds:g} s): {o.answered_per_s:.0f}/s is what this machine does with both on it"
+            )
+    return notes
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def plots(result: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in CONTENDERS:
+        pts = [(s["rate"], s["failed_pct"]) for s in result["steps"] if s["contender"] == n]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    ax.axhline(MAX_FAILED_PCT, color="grey", linestyle="--", linewidth=0.8, label="0.1% limit")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel("calls per second offered (SIPp)")
+    ax.set_ylabel("failed calls (%)")
+    ax.set_title("Seed call through the SBC: failed calls vs rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cps-vs-failed.png", dpi=110)
+    plt.close(fig)
+    made.append("cps-vs-failed.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, samples in result["latency_samples_ms"].items():
+        if samples:
+            ys = [(i + 1) / len(samples) for i in range(len(samples))]
+            ax.plot(samples, ys, label=f"{n} (n={len(samples)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("INVITE -> 200 added by the SBC (ms, capture minus peer time)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title(f"Response-time distribution at {result['latency_rate_cps']:g} calls/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency-cdf.png", dpi=110)
+    plt.close(fig)
+    made.append("latency-cdf.png")
+    return made
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def report(result: dict[str, Any], images: list[str]) -> str:
+    m, r = result["machine"], result["ratios"]
+    lines = [
+        "# kemi-o365 against native kamailio.cfg: seed-call benchmark",
+        "",
+        f"Measured {result['started']}{' (smoke run: figures mean nothing)' if result['smoke'] else ''} on "
+        f"{m['cpu_model']}, {m['cores']} cores, {m['memory_mb']} MB, {m['os']}, kernel {m['kernel']}; "
+        f"{m['kamailio']}; {m['rtpengine']}; {m['sipp']}. Absolute numbers vary between machines; the "
+        "ratios are the result. Both contenders ran on this machine in one run, alternating at every step.",
+        "",
+        "| figure | kemi (Python KEMI) | native kamailio.cfg | kemi / native |",
+        "| --- | --- | --- | --- |",
+        f"| highest calls/s sustained (<{MAX_FAILED_PCT}% failed) | {_fmt(result['kemi_max_cps'])} | "
+        f"{_fmt(result['native_max_cps'])} | {_fmt(r['max_cps_kemi_over_native'])} |",
+        f"| Kamailio CPU per call at {_fmt(result['cpu_rate_cps'])}/s (us) | "
+        f"{_fmt(result['kemi_cpu_us_per_call'])} | {_fmt(result['native_cpu_us_per_call'])} | "
+        f"{_fmt(r['cpu_per_call_kemi_over_native'])} |",
+        f"| rtpengine CPU per call at {_fmt(result['cpu_rate_cps'])}/s (us) | "
+        f"{_fmt(result['kemi_rtpengine_cpu_us_per_call'])} | "
+        f"{_fmt(result['native_rtpengine_cpu_us_per_call'])} | |",
+        f"| INVITE->200 added by the SBC at {_fmt(result['latency_rate_cps'])}/s, p50 (ms) | "
+        f"{_fmt(result['kemi_p50_ms'])} | {_fmt(result['native_p50_ms'])} | |",
+        f"| same, p99 (ms) | {_fmt(result['kemi_p99_ms'])} | {_fmt(result['native_p99_ms'])} | "
+        f"{_fmt(r['p99_kemi_over_native'])} |",
+        f"| OPTIONS answered per second | {_fmt(result['options_max_rps_kemi'])} | "
+        f"{_fmt(result['options_max_rps_native'])} | {_fmt(r['options_rps_kemi_over_native'])} |",
+        f"| Kamailio CPU per OPTIONS (us) | {_fmt(result['kemi_cpu_us_per_options'])} | "
+        f"{_fmt(result['native_cpu_us_per_options'])} | {_fmt(r['cpu_per_options_kemi_over_native'])} |",
+        "",
+        f"Memory per concurrent call (both contenders, median of the steps): Kamailio shared memory "
+        f"{_fmt(result['kamailio_shm_bytes_per_call'])} bytes, rtpengine RSS "
+        f"{_fmt(result['rtpengine_rss_bytes_per_call'])} bytes.",
+        "",
+        "## Steps",
+        "",
+        "| contender | rate/s | created | failed % | Kamailio us/call | rtpengine us/call | peer CPU s | "
+        "SIPp CPU s | machine busy % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in result["steps"]:
+        lines.append(
+            f"| {s['contender']} | {s['rate']:g} | {s['created']} | {s['failed_pct']} | "
+            f"{_fmt(round(s['kamailio_cpu_us_per_call'], 1) if s['kamailio_cpu_us_per_call'] else None)} | "
+            f"{_fmt(round(s['rtpengine_cpu_us_per_call'], 1) if s['rtpengine_cpu_us_per_call'] else None)} | "
+            f"{s['peer_cpu_s']} | {s['sipp_cpu_s']} | {s['machine_busy_pct']} |"
+        )
+    lines += ["", "## Limits of this run", ""] + [f"- {n}" for n in result["limits"]]
+    lines += [
+        "",
+        "## How it was measured",
+        "",
+        "`benchmarks/bench.py` (see its docstring); the yardstick is `benchmarks/native/kamailio.cfg`, whose "
+        "header lists what it does and what kemi-o365 does beyond it (topology hiding, metrics, call "
+        "records, failover, ...).",
+    ]
+    lines += [""] + [f"![{i}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a few seconds per contender (make test)")
+    p.add_argument("--rates", default="", help="comma-separated call rates (default 50,100,200,400,800,1200)")
+    p.add_argument("--step-seconds", type=float, default=None, help="seconds per rate step (default 20)")
+    p.add_argument("--hold-ms", type=int, default=100, help="time between ACK and BYE (default 100)")
+    p.add_argument(
+        "--latency-rate", type=float, default=200.0, help="calls/s of the latency run (default 200)"
+    )
+    p.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where results go (default {RESULTS})")
+    p.add_argument("--no-plots", action="store_true", help="no matplotlib PNGs")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (captures, logs)")
+    return p.parse_args(argv)
+
+
+def config(args: argparse.Namespace) -> Config:
+    if args.smoke:
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else [5.0, 10.0]
+        return Config(rates, args.step_seconds or 2.0, args.hold_ms, min(args.latency_rate, 5.0), 2.0,
+                      1.0, 20, 1, 2, True)  # fmt: skip
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [50, 100, 200, 400, 800, 1200]
+    return Config(
+        rates, args.step_seconds or 20.0, args.hold_ms, args.latency_rate, 15.0, 10.0, 64, 2, 2, False
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    cfg = config(args)
+    work = Path(tempfile.mkdtemp(prefix="kemi-o365-bench-"))
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        result = run_bench(cfg, work, log)
+        out: Path = args.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        images = [] if args.no_plots else plots(result, out)
+        (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "report.md").write_text(report(result, images))
+        log(f"kemi/native: {json.dumps(result['ratios'])}")
+        log(f"results written to {out / 'latest.json'} and {out / 'report.md'}")
+        return 0
+    finally:
+        if args.keep:
+            print(f"(work directory kept: {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
