@@ -84,7 +84,7 @@ class Kamailio:
             return
         if not adapter.passes_sanity():
             return
-        request = adapter.read_request(self.policy)
+        request = adapter.read_request(self.policy, source_ip, side)
         decision = routing.decide(request, self.policy)
         if isinstance(decision, Respond) and decision.code >= 400:
             # Refusals are what an operator greps for when a peer "cannot get in".

@@ -150,9 +150,8 @@ def passes_sanity() -> bool:
     return KSR.sanity.sanity_check(SANITY_MSG_CHECKS, SANITY_URI_CHECKS) > 0
 
 
-def read_request(policy: Policy) -> Request:
-    local_ip, local_port = _side()
-    side = side_of(local_ip, local_port, policy)
+def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
+    """The request's facts; `source_ip` and `side` are what the handler read first (`source`)."""
     to_tag = KSR.siputils.has_totag() > 0
     if to_tag and side is Side.MICROSOFT:
         # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI masked in it.
@@ -164,14 +163,17 @@ def read_request(policy: Policy) -> Request:
     # loose_route consumes our own Route headers; only in-dialog requests may carry them here.
     routed = to_tag and KSR.rr.loose_route() > 0
     masked_dialog = routed and side is Side.CUCM and KSR.rr.check_route_param(MASKED_DIALOG_PARAM) > 0
+    method = Method.parse(KSR.pv.gete("$rm"))
+    # CUCM's headers are read for topology hiding, i.e. for what may be relayed toward Microsoft: an
+    # OPTIONS outside a dialog is answered here (keep-alive pings, the most frequent request).
+    relayable = side is Side.CUCM and (to_tag or method is not Method.OPTIONS)
     try:
         has_sdp, sdp = _sdp_body()
-        headers = _headers() if side is Side.CUCM else ()
+        headers = _headers() if relayable else ()
         body_problem = ""
     except MalformedBody as exc:
         has_sdp, sdp, headers, body_problem = True, "", (), str(exc)
     raw_mf = KSR.hdr.gete("Max-Forwards").strip()
-    method = Method.parse(KSR.pv.gete("$rm"))
     proto = KSR.pv.gete("$pr").lower()
     verified, names = _tls_peer() if proto == "tls" else (False, ())
     return Request(
@@ -179,7 +181,7 @@ def read_request(policy: Policy) -> Request:
         ruri_user=KSR.pv.gete("$rU"),
         ruri_host=KSR.pv.gete("$rd"),
         from_user=KSR.pv.gete("$fU"),
-        source_ip=KSR.pv.gete("$si"),
+        source_ip=source_ip,
         source_port=int(KSR.pv.geti("$sp")),
         transport=Transport(proto) if proto in ("udp", "tcp", "tls") else Transport.UDP,
         side=side,
@@ -216,16 +218,21 @@ def _tls_peer() -> tuple[bool, tuple[str, ...]]:
 
 def read_reply(policy: Policy) -> Reply:
     local_ip, local_port = _side()
+    side = side_of(local_ip, local_port, policy)
     has_sdp, sdp = _sdp_body()
+    stash = KSR.pv.gete(STASH_AVP)
+    # The headers are parsed only where topology hiding reads them: every reply going to Microsoft,
+    # and a reply going to CUCM whose Record-Route needs the internal entry back.
+    wanted = side is Side.CUCM or (side is Side.MICROSOFT and bool(stash))
     return Reply(
         status=int(KSR.pv.geti("$rs")),
         cseq_method=Method.parse(KSR.pv.gete("$rm")),
-        side=side_of(local_ip, local_port, policy),
+        side=side,
         has_sdp=has_sdp,
         sdp=sdp,
         call_id=KSR.pv.gete("$ci"),
-        headers=_headers(),
-        stash=KSR.pv.gete(STASH_AVP),
+        headers=_headers() if wanted else (),
+        stash=stash,
         mask_call_id=KSR.pv.geti(MASK_AVP) > 0,
     )
 

@@ -7,6 +7,7 @@ adapter gathers the facts and carries the decision out.
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 from kemi_o365 import topology
 from kemi_o365.decision import (
@@ -103,6 +104,12 @@ def flood_limited(side: Side, source_ip: str, policy: Policy) -> bool:
 
 
 def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    return _in_networks_cached(ip, networks)
+
+
+# Sources are few (CUCM's nodes, Microsoft's proxies): the parse and the test are cached, bounded.
+@lru_cache(maxsize=1024)
+def _in_networks_cached(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -38,7 +38,9 @@ Header = tuple[str, str]
 _COMPACT = {"v": "via", "i": "call-id", "m": "contact", "f": "from"}
 
 
+@lru_cache(maxsize=512)
 def canonical(name: str) -> str:
+    """Lower-case long form of a header name (the set of names seen is small: cached)."""
     low = name.strip().lower()
     return _COMPACT.get(low, low)
 

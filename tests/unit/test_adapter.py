@@ -63,9 +63,10 @@ CUCM_HEADERS = (
 # the contract, their presence is.
 REQUEST_READS = Counter(
     {
-        # $Ri $rb $pr $rm $rU $rd $fU $si $ci, and $msg(hdrs) from CUCM (topology hiding)
-        "pv.gete": 10,
-        "pv.geti": 2,  # $Rp $sp
+        # $rb $pr $rm $rU $rd $fU $ci, and $msg(hdrs) from CUCM (topology hiding); $Ri $Rp $si were
+        # read before (who sent it, on which listener) and are not read again
+        "pv.gete": 8,
+        "pv.geti": 1,  # $sp
         "siputils.has_totag": 1,
         "textops.has_body_type": 1,
         "hdr.gete": 1,
