@@ -17,12 +17,24 @@ class MediaAction(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class NgControl:
+    """rtpengine's ng control socket, for a delete whose final statistics the call record keeps."""
+
+    address: str
+    port: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class Media:
     """One rtpengine operation; `sdp` (when not None) replaces the body rtpengine reads."""
 
     action: MediaAction
     flags: str = ""
     sdp: str | None = None
+    report: NgControl | None = None
+    """DELETE only: sent on this socket, and rtpengine's reply (the session's final packet counts)
+    kept for the call record; one round trip instead of a query followed by a delete."""
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class Kamailio:
             if what == "request":
                 adapter.respond_error(500, "Internal Server Error")
                 adapter.release_media()
-        metrics.HANDLER_SECONDS.labels(what).observe(time.perf_counter() - started)
+        metrics.handler_seconds(what).observe(time.perf_counter() - started)
         return 1
 
 

@@ -12,7 +12,7 @@ from typing import assert_never
 
 import KSR
 
-from kemi_o365 import topology
+from kemi_o365 import rtpengine_ng, topology
 from kemi_o365.decision import (
     Decision,
     Drop,
@@ -23,6 +23,7 @@ from kemi_o365.decision import (
     HeaderEdits,
     Media,
     MediaAction,
+    NgControl,
     RelayCancel,
     RelayInDialog,
     RelayToCucm,
@@ -152,6 +153,7 @@ def passes_sanity() -> bool:
 
 def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
     """The request's facts; `source_ip` and `side` are what the handler read first (`source`)."""
+    _Ended.reply = None
     to_tag = KSR.siputils.has_totag() > 0
     if to_tag and side is Side.MICROSOFT:
         # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI masked in it.
@@ -255,11 +257,50 @@ def _stash(stash: str, mask_replies: bool = False) -> None:
         KSR.pv.seti(MASK_AVP, 1)
 
 
+class _Ended:
+    """rtpengine's reply to the delete the current message made (a BYE's), for its call record."""
+
+    reply: dict[str, rtpengine_ng.Decoded] | None = None
+
+
+def final_media_stats() -> dict[str, rtpengine_ng.Decoded] | None:
+    """What rtpengine last counted for the session this message deleted; None when it deleted none
+    or rtpengine did not answer. Read once: the next message starts without it."""
+    reply, _Ended.reply = _Ended.reply, None
+    return reply
+
+
+def _delete_reporting(media: Media, ctl: NgControl) -> None:
+    # Straight to rtpengine's ng socket rather than through the rtpengine module, whose delete
+    # drops the statistics rtpengine sends back (they would cost a query beforehand).
+    call_id = _flag_value(media.flags, "call-id")
+    # With the tags (as the rtpengine module sends them): rtpengine answers with statistics only when
+    # it deletes a dialogue by its tags, not for a bare Call-ID.
+    message: dict[str, rtpengine_ng.Bencodable] = {
+        "command": "delete",
+        "call-id": call_id,
+        "from-tag": KSR.pv.gete("$ft"),
+        "to-tag": KSR.pv.gete("$tt"),
+    }
+    try:
+        _Ended.reply = rtpengine_ng.command(ctl.address, ctl.port, message, timeout=ctl.timeout_s)
+    except (rtpengine_ng.NgError, OSError) as exc:
+        _Ended.reply = None
+        KSR.warn(f"kemi-o365: rtpengine delete for Call-ID {call_id}: {exc}\n")
+
+
+def _flag_value(flags: str, name: str) -> str:
+    prefix = name + "="
+    return next((f[len(prefix) :] for f in flags.split() if f.startswith(prefix)), "")
+
+
 def run_media(media: Media) -> None:
     """One rtpengine step; raises MediaRelayError when rtpengine refuses or is unreachable."""
     if media.action is MediaAction.DELETE:
         # A failed delete (session already gone) must not break the signalling path.
-        if media.flags:
+        if media.report is not None:
+            _delete_reporting(media, media.report)
+        elif media.flags:
             KSR.rtpengine.rtpengine_delete(media.flags)
         else:
             KSR.rtpengine.rtpengine_delete0()

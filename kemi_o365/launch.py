@@ -171,6 +171,7 @@ def kamailio_command(policy: Policy, run: RunDir, cfg: Path | None = None) -> li
     root = str(run.root)
     cfg_file = str(cfg or KAMAILIO_DIR / "kamailio.cfg")
     argv = [KAMAILIO_BIN, "-f", cfg_file, "-DD", "-E", "-Y", root, "-w", root]
+    argv += ["-m", str(policy.kamailio.shared_memory_mb), "-M", str(policy.kamailio.private_memory_mb)]
     if Transport.UDP in sbc.internal.transports:
         argv += ["-A", "WITH_CUCM_UDP"]
     if Transport.TCP in sbc.internal.transports:

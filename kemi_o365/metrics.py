@@ -8,6 +8,7 @@ HTTP server of ours: Kamailio's xhttp module asks the handler for `/metrics` and
 
 from __future__ import annotations
 
+import functools
 import os
 
 from prometheus_client import (
@@ -18,9 +19,32 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _Pid:
+    """This process's PID without a getpid() system call on every counter update (prometheus_client
+    asks for it at each inc/observe to notice a fork). app_python3 runs CPython's after-fork hooks
+    in each child Kamailio forks, so the value is refreshed exactly when it changes."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+    @classmethod
+    def get(cls) -> int:
+        return cls.value
+
+
+os.register_at_fork(after_in_child=_Pid.refresh)
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Before any metric below exists: each takes its value class when it is created.
+    values.ValueClass = values.MultiProcessValue(process_identifier=_Pid.get)  # type: ignore[no-untyped-call]
 
 CALLS_ATTEMPTED = Counter(
     "kemi_o365_calls_attempted",
@@ -68,6 +92,12 @@ HANDLER_SECONDS = Histogram(
     ["handler"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+
+
+@functools.cache
+def handler_seconds(handler: str) -> Histogram:
+    """HANDLER_SECONDS for one handler, looked up once: labels() takes a lock and builds a key."""
+    return HANDLER_SECONDS.labels(handler)
 
 
 def exposition() -> bytes:

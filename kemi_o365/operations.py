@@ -7,7 +7,6 @@ Kamailio is reached only through the adapter, rtpengine's statistics through its
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from kemi_o365 import calls, metrics, rtpengine_ng, topology
 from kemi_o365 import ksr_adapter as adapter
@@ -40,17 +39,7 @@ def media_stats(policy: Policy, call_id: str, caller_tag: str) -> dict[str, int]
     except (rtpengine_ng.NgError, OSError):
         metrics.RTPENGINE_ERRORS.labels("query").inc()
         return None
-    return calls.media_summary(_strings(reply), caller_tag)
-
-
-def _strings(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_strings(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _strings(v) for k, v in value.items()}
-    return value
+    return calls.media_summary(reply, caller_tag)
 
 
 def initial_invite(policy: Policy, req: Request, outcome: int) -> None:
@@ -69,15 +58,15 @@ def initial_invite(policy: Policy, req: Request, outcome: int) -> None:
         _log(calls.record(state, ended=now, code=outcome, hung_up_by="sbc", diagnostic=None, media=None))
 
 
-def ending_call(policy: Policy, req: Request) -> tuple[str, str, dict[str, int] | None] | None:
-    """Before a BYE is relayed (and rtpengine's session deleted): the call's state and media counts."""
+def ending_call(policy: Policy, req: Request) -> tuple[str, str] | None:
+    """Before a BYE is relayed: the call it ends and what is known of it (None: not a call of ours)."""
     if req.method is not Method.BYE:
         return None
     call_id = plain_call_id(policy, req.call_id)
     state = adapter.call_state(call_id)
     if not state:
         return None
-    return call_id, state, media_stats(policy, call_id, _caller_tag(state, req))
+    return call_id, state
 
 
 def _caller_tag(state: str, req: Request) -> str:
@@ -86,8 +75,13 @@ def _caller_tag(state: str, req: Request) -> str:
     return adapter.from_tag() if req.side is caller_side else adapter.to_tag()
 
 
-def call_ended(req: Request, ending: tuple[str, str, dict[str, int] | None]) -> None:
-    call_id, state, media = ending
+def call_ended(req: Request, ending: tuple[str, str]) -> None:
+    """After the BYE was relayed and rtpengine's session deleted (its reply holds the final counts)."""
+    call_id, state = ending
+    final = adapter.final_media_stats()
+    if final is None:
+        metrics.RTPENGINE_ERRORS.labels("delete").inc()
+    media = calls.media_summary(final, _caller_tag(state, req)) if final is not None else None
     reason, ms_diag = adapter.diagnostic_headers(in_reply=False)
     who = "cucm" if req.side is Side.CUCM else "microsoft"
     _log(

@@ -21,6 +21,7 @@ from kemi_o365.decision import (
     HeaderEdits,
     Media,
     MediaAction,
+    NgControl,
     RelayCancel,
     RelayInDialog,
     RelayToCucm,
@@ -343,7 +344,7 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
 
 def _in_dialog_media(req: Request, policy: Policy, toward_microsoft: bool) -> Media | None:
     if req.method is Method.BYE:
-        return DELETE
+        return Media(MediaAction.DELETE, f"call-id={req.call_id}", report=_ng_control(policy))
     if not req.has_sdp:
         return None
     ms = policy.microsoft
@@ -389,12 +390,20 @@ def on_reply(reply: Reply, policy: Policy, *, initial: bool, late_offer: bool = 
     return ReplyAction(media, edits, provisional)
 
 
+def _ng_control(policy: Policy) -> NgControl:
+    rtp = policy.rtpengine
+    return NgControl(rtp.control_address, rtp.control_port, policy.kamailio.rtpengine_timeout_ms / 1000)
+
+
 def _with_call_id(media: Media | None, call_id: str | None) -> Media | None:
     """rtpengine keys sessions by the Call-ID it first saw (CUCM's): name it when Microsoft's
     message carries the masked one."""
     if media is None or call_id is None:
         return media
-    return Media(media.action, f"{media.flags} call-id={call_id}".strip(), media.sdp)
+    flags = " ".join(
+        [*(f for f in media.flags.split() if not f.startswith("call-id=")), f"call-id={call_id}"]
+    )
+    return Media(media.action, flags, media.sdp, media.report)
 
 
 def _reply_edits(reply: Reply, policy: Policy, *, initial: bool) -> HeaderEdits:

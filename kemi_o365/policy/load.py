@@ -589,7 +589,17 @@ def _media_type(node: Node) -> str:
 
 
 def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
-    m = r.mapping(node, "kamailio", {"children": False, "log_level": False, "rtpengine_timeout_ms": False})
+    m = r.mapping(
+        node,
+        "kamailio",
+        {
+            "children": False,
+            "log_level": False,
+            "rtpengine_timeout_ms": False,
+            "shared_memory_mb": False,
+            "private_memory_mb": False,
+        },
+    )
     return KamailioSettings(
         children=r.field(m.get("children"), "kamailio.children", lambda n: _integer(n, 1, 64), 4),
         log_level=r.field(m.get("log_level"), "kamailio.log_level", lambda n: _integer(n, -5, 3), 2),
@@ -598,6 +608,12 @@ def _kamailio(r: _Reader, node: Node | None) -> KamailioSettings:
             "kamailio.rtpengine_timeout_ms",
             lambda n: _integer(n, 50, 5000),
             500,
+        ),
+        shared_memory_mb=r.field(
+            m.get("shared_memory_mb"), "kamailio.shared_memory_mb", lambda n: _integer(n, 64, 65536), 256
+        ),
+        private_memory_mb=r.field(
+            m.get("private_memory_mb"), "kamailio.private_memory_mb", lambda n: _integer(n, 8, 1024), 16
         ),
     )
 

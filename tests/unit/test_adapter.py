@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kemi_o365 import kemi, ksr_adapter, topology
+from kemi_o365 import calls, kemi, ksr_adapter, rtpengine_ng, topology
 from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT, flag_string
 from kemi_o365.policy.model import Policy
 from tests.helpers import lab_policy
@@ -96,6 +97,39 @@ def ksr() -> Iterator[KsrDouble]:
 @pytest.fixture
 def handler(policy: Policy) -> kemi.Kamailio:
     return kemi.Kamailio(policy)
+
+
+# What rtpengine answers a BYE's delete: the session's final counts (shape of rtpengine 10.5's reply).
+DELETE_REPLY: dict[str, rtpengine_ng.Decoded] = {
+    "result": b"ok",
+    "tags": {
+        "caller-tag": {
+            "medias": [{"streams": [{"flags": [b"RTP"], "stats": {"packets": 250, "errors": 1}}]}]
+        },
+        "callee-tag": {
+            "medias": [{"streams": [{"flags": [b"RTP"], "stats": {"packets": 240, "errors": 0}}]}]
+        },
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def ng_socket(monkeypatch: pytest.MonkeyPatch, ksr: KsrDouble, policy: Policy) -> list[dict[str, object]]:
+    """rtpengine's ng socket as the adapter reaches it directly (the BYE's delete): each command is
+    recorded among the KSR calls, in order, as ("ng.<command>", (call-id,))."""
+    sent: list[dict[str, object]] = []
+    rtp = policy.rtpengine
+
+    def command(host: str, port: int, message: dict[str, object], timeout: float = 1.0) -> object:
+        assert (host, port) == (rtp.control_address, rtp.control_port)
+        assert timeout == policy.kamailio.rtpengine_timeout_ms / 1000
+        sent.append(message)
+        ksr.calls.append((f"ng.{message['command']}", (message["call-id"],)))
+        assert {"from-tag", "to-tag"} <= set(message)  # without them rtpengine sends no statistics
+        return DELETE_REPLY
+
+    monkeypatch.setattr(rtpengine_ng, "command", command)
+    return sent
 
 
 def script_request(
@@ -573,7 +607,7 @@ def test_bye_from_cucm_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None
         ("tmx.t_precheck_trans", ()),
         ("tm.t_check_trans", ()),
         ("maxfwd.process_maxfwd", (70,)),
-        ("rtpengine.rtpengine_delete0", ()),
+        ("ng.delete", (CALL_ID,)),
         *IN_DIALOG_HIDING,
         ("tls.set_connect_server_id", (MS_FQDN,)),
         ("pv.sets", ("$xavp(tls=>server_name)", MS_FQDN)),
@@ -588,11 +622,53 @@ def test_bye_from_cucm_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None
 def test_bye_from_microsoft_in_dialog(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_request(ksr, "BYE", side="microsoft", in_dialog=True, ruri_host="127.0.0.1")
     assert handler.ksr_request_route(None) == 1
-    assert after(ksr, "rtpengine.rtpengine_delete0") == [
-        ("rtpengine.rtpengine_delete0", ()),
+    assert after(ksr, "ng.delete") == [
+        ("ng.delete", (CALL_ID,)),
         ("tm.t_on_reply", ("ksr_onreply_in_dialog",)),
         ("tm.t_relay", ()),
     ]
+
+
+def test_bye_record_carries_the_counts_rtpengine_gave_back_on_delete(
+    ksr: KsrDouble, handler: kemi.Kamailio, ng_socket: list[dict[str, object]]
+) -> None:
+    script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
+    state = calls.start_state(CALL_ID, "sip:10048@cucm", "sip:87000@ms", "to_microsoft", 1000.0)
+    ksr.returns["htable.sht_gete"] = lambda table, key: state if table == ksr_adapter.CALLS_TABLE else ""
+    ksr.vars.update({"$ft": "caller-tag", "$tt": "callee-tag"})
+
+    assert handler.ksr_request_route(None) == 1
+
+    # One round trip: no query before the delete.
+    assert [m["command"] for m in ng_socket] == ["delete"]
+    (line,) = [args[0] for name, args in ksr.calls if name == "info" and "call-record" in args[0]]
+    record = json.loads(line.split("call-record ", 1)[1])
+    assert record["media"] == {
+        "rtp_from_caller": 250,
+        "rtp_from_callee": 240,
+        "rtp_errors": 1,
+        "rtcp_packets": 0,
+        "lost": 0,
+    }
+    assert record["hung_up_by"] == "cucm"
+
+
+def test_bye_record_without_rtpengine_answer_has_no_media(
+    ksr: KsrDouble, handler: kemi.Kamailio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def silent(*args: object, **kwargs: object) -> object:
+        raise rtpengine_ng.NgError("rtpengine at 127.0.0.1:1 did not answer 'delete'")
+
+    monkeypatch.setattr(rtpengine_ng, "command", silent)
+    script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
+    state = calls.start_state(CALL_ID, "sip:10048@cucm", "sip:87000@ms", "to_microsoft", 1000.0)
+    ksr.returns["htable.sht_gete"] = lambda table, key: state if table == ksr_adapter.CALLS_TABLE else ""
+
+    assert handler.ksr_request_route(None) == 1
+
+    assert "tm.t_relay" in ksr.names()  # the BYE still goes through
+    (line,) = [args[0] for name, args in ksr.calls if name == "info" and "call-record" in args[0]]
+    assert json.loads(line.split("call-record ", 1)[1])["media"] is None
 
 
 def test_bye_not_routed_to_us_is_refused(ksr: KsrDouble, handler: kemi.Kamailio) -> None:

@@ -19,6 +19,7 @@ from kemi_o365.decision import (
     HeaderEdits,
     Media,
     MediaAction,
+    NgControl,
     RelayCancel,
     RelayInDialog,
     RelayToCucm,
@@ -73,6 +74,10 @@ MS_SDP_STRIPPED = (
 )
 
 DELETE = Media(MediaAction.DELETE)
+DIALOG_CALL_ID = "1-3487@127.0.0.4"
+# A BYE's delete goes to rtpengine's ng socket (lab.yaml's control address, rtpengine_timeout_ms), so
+# the call record gets the final counts from its reply.
+BYE_DELETE = Media(MediaAction.DELETE, f"call-id={DIALOG_CALL_ID}", report=NgControl("127.0.0.1", 22230, 0.5))
 # CUCM's SDP as rtpengine gets it toward Microsoft: o= names no product (media.anonymous_origin).
 CUCM_SDP_ANON = CUCM_SDP.replace("o=CiscoSystemsCCM-SIP ", "o=- ")
 # Toward Microsoft, CUCM's Via always goes and the User-Agent is the SBC's (topology hiding); these
@@ -121,6 +126,7 @@ def in_dialog(method: Method, side: Side, **changes: object) -> Request:
         "ruri_host": MS_FQDN if side is Side.CUCM else "127.0.0.1",
         "source_ip": "127.0.0.4" if side is Side.CUCM else "127.0.0.3",
         "transport": Transport.TCP if side is Side.CUCM else Transport.TLS,
+        "call_id": DIALOG_CALL_ID,
     }
     if side is Side.MICROSOFT:
         facts.update(MICROSOFT_TLS)
@@ -322,7 +328,7 @@ CASES = [
         "BYE from CUCM",
         in_dialog(Method.BYE, Side.CUCM),
         RelayInDialog(
-            media=DELETE,
+            media=BYE_DELETE,
             destination="sip:127.0.0.3:5061;transport=tls",
             advertise=(SBC_FQDN, 5061),
             edits=HIDE_REQUEST,
@@ -334,13 +340,13 @@ CASES = [
         "BYE from CUCM to an unpinned host",
         in_dialog(Method.BYE, Side.CUCM, ruri_host="sip.other.example.net"),
         RelayInDialog(
-            media=DELETE, destination=None, advertise=(SBC_FQDN, 5061), edits=HIDE_REQUEST, stash=STASH
+            media=BYE_DELETE, destination=None, advertise=(SBC_FQDN, 5061), edits=HIDE_REQUEST, stash=STASH
         ),
     ),
     Case(
         "BYE from Microsoft",
         in_dialog(Method.BYE, Side.MICROSOFT),
-        RelayInDialog(DELETE, None, None),
+        RelayInDialog(BYE_DELETE, None, None),
     ),
     Case(
         "re-INVITE from CUCM",
