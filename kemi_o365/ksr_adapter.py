@@ -283,7 +283,9 @@ def _delete_reporting(media: Media, ctl: NgControl) -> None:
         "to-tag": KSR.pv.gete("$tt"),
     }
     try:
-        _Ended.reply = rtpengine_ng.command(ctl.address, ctl.port, message, timeout=ctl.timeout_s)
+        _Ended.reply = rtpengine_ng.command(
+            ctl.address, ctl.port, message, timeout=ctl.timeout_s, keep_socket=True
+        )
     except (rtpengine_ng.NgError, OSError) as exc:
         _Ended.reply = None
         KSR.warn(f"kemi-o365: rtpengine delete for Call-ID {call_id}: {exc}\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TypeAlias
 
 Bencodable: TypeAlias = "int | bytes | str | list[Bencodable] | dict[str, Bencodable]"
@@ -61,19 +62,32 @@ def _decode(data: bytes, i: int) -> tuple[Decoded, int]:
     return data[start : start + length], start + length
 
 
-def command(host: str, port: int, message: dict[str, Bencodable], timeout: float = 1.0) -> dict[str, Decoded]:
-    """Send one ng command and return the decoded reply dictionary."""
-    cookie = os.urandom(6).hex()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def command(
+    host: str, port: int, message: dict[str, Bencodable], timeout: float = 1.0, *, keep_socket: bool = False
+) -> dict[str, Decoded]:
+    """Send one ng command and return the decoded reply dictionary. `keep_socket`: reuse this
+    process's socket for the next command (Kamailio workers send one per call ending)."""
+    cookie = os.urandom(6).hex().encode()
+    sock = _kept_socket() if keep_socket else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
         sock.settimeout(timeout)
-        sock.sendto(cookie.encode() + b" " + bencode(message), (host, port))
-        try:
-            data, _ = sock.recvfrom(65535)
-        except TimeoutError as exc:
-            raise NgError(f"rtpengine at {host}:{port} did not answer {message.get('command')!r}") from exc
-    got_cookie, _, payload = data.partition(b" ")
-    if got_cookie.decode() != cookie:
-        raise NgError("reply cookie does not match")
+        sock.sendto(cookie + b" " + bencode(message), (host, port))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data, _ = sock.recvfrom(65535)
+            except TimeoutError as exc:
+                raise NgError(
+                    f"rtpengine at {host}:{port} did not answer {message.get('command')!r}"
+                ) from exc
+            got_cookie, _, payload = data.partition(b" ")
+            if got_cookie == cookie:
+                break
+            # A late answer to an earlier command that timed out on the kept socket.
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+    finally:
+        if not keep_socket:
+            sock.close()
     reply = bdecode(payload)
     if not isinstance(reply, dict):
         raise NgError("reply is not a dictionary")
@@ -81,6 +95,19 @@ def command(host: str, port: int, message: dict[str, Bencodable], timeout: float
         reason = reply.get("error-reason", b"")
         raise NgError(f"rtpengine error: {reason.decode() if isinstance(reason, bytes) else reason}")
     return reply
+
+
+class _Kept:
+    pid = 0
+    sock: socket.socket | None = None
+
+
+def _kept_socket() -> socket.socket:
+    # Per process: a socket inherited across fork() would be shared by every Kamailio worker.
+    if _Kept.sock is None or _Kept.pid != os.getpid():
+        _Kept.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _Kept.pid = os.getpid()
+    return _Kept.sock
 
 
 def ping(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -61,6 +61,9 @@ class Masker:
             raise ValueError(f"masking key must be {2 * _KEY_BYTES} bytes")
         self._mac_key = key[:_KEY_BYTES]
         self._enc_key = key[_KEY_BYTES:]
+        # Every message of a dialog carries the same values: a worker masks each once, not per message.
+        self.mask = lru_cache(maxsize=4096)(self._mask)  # type: ignore[method-assign]
+        self.unmask = lru_cache(maxsize=4096)(self._unmask)  # type: ignore[method-assign]
 
     def _tag(self, plain: bytes) -> bytes:
         return hashlib.blake2b(
@@ -78,13 +81,19 @@ class Masker:
         return b"".join(blocks)[:length]
 
     def mask(self, value: str) -> str:
-        plain = value.encode("utf-8", "surrogateescape")
-        tag = self._tag(plain)
-        sealed = tag + bytes(a ^ b for a, b in zip(plain, self._stream(tag, len(plain)), strict=True))
-        return _PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii").rstrip("=")
+        return self._mask(value)
 
     def unmask(self, token: str) -> str | None:
         """The original value, or None when `token` is not one of ours (a peer's own value)."""
+        return self._unmask(token)
+
+    def _mask(self, value: str) -> str:
+        plain = value.encode("utf-8", "surrogateescape")
+        tag = self._tag(plain)
+        sealed = tag + _xor(plain, self._stream(tag, len(plain)))
+        return _PREFIX + base64.urlsafe_b64encode(sealed).decode("ascii").rstrip("=")
+
+    def _unmask(self, token: str) -> str | None:
         if not token.startswith(_PREFIX):
             return None
         body = token[len(_PREFIX) :]
@@ -95,10 +104,16 @@ class Masker:
         if len(sealed) < _TAG_BYTES:
             return None
         tag, cipher = sealed[:_TAG_BYTES], sealed[_TAG_BYTES:]
-        plain = bytes(a ^ b for a, b in zip(cipher, self._stream(tag, len(cipher)), strict=True))
+        plain = _xor(cipher, self._stream(tag, len(cipher)))
         if not hmac.compare_digest(self._tag(plain), tag):
             return None
         return plain.decode("utf-8", "surrogateescape")
+
+
+def _xor(data: bytes, stream: bytes) -> bytes:
+    # One big-integer XOR instead of a Python loop over the bytes.
+    n = len(data)
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream[:n], "big")).to_bytes(n, "big")
 
 
 @lru_cache(maxsize=4)

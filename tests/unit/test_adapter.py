@@ -120,7 +120,9 @@ def ng_socket(monkeypatch: pytest.MonkeyPatch, ksr: KsrDouble, policy: Policy) -
     sent: list[dict[str, object]] = []
     rtp = policy.rtpengine
 
-    def command(host: str, port: int, message: dict[str, object], timeout: float = 1.0) -> object:
+    def command(
+        host: str, port: int, message: dict[str, object], timeout: float = 1.0, keep_socket: bool = False
+    ) -> object:
         assert (host, port) == (rtp.control_address, rtp.control_port)
         assert timeout == policy.kamailio.rtpengine_timeout_ms / 1000
         sent.append(message)
