@@ -8,7 +8,7 @@ Kamailio needs (KAMAILIO-NOTES §1.4, §1.7).
 from __future__ import annotations
 
 import os
-from typing import assert_never
+from typing import Any, assert_never
 
 import KSR
 
@@ -260,10 +260,10 @@ def _stash(stash: str, mask_replies: bool = False) -> None:
 class _Ended:
     """rtpengine's reply to the delete the current message made (a BYE's), for its call record."""
 
-    reply: dict[str, rtpengine_ng.Decoded] | None = None
+    reply: dict[str, Any] | None = None
 
 
-def final_media_stats() -> dict[str, rtpengine_ng.Decoded] | None:
+def final_media_stats() -> dict[str, Any] | None:
     """What rtpengine last counted for the session this message deleted; None when it deleted none
     or rtpengine did not answer. Read once: the next message starts without it."""
     reply, _Ended.reply = _Ended.reply, None
@@ -276,14 +276,14 @@ def _delete_reporting(media: Media, ctl: NgControl) -> None:
     call_id = _flag_value(media.flags, "call-id")
     # With the tags (as the rtpengine module sends them): rtpengine answers with statistics only when
     # it deletes a dialogue by its tags, not for a bare Call-ID.
-    message: dict[str, rtpengine_ng.Bencodable] = {
+    message: dict[str, str | int] = {
         "command": "delete",
         "call-id": call_id,
         "from-tag": KSR.pv.gete("$ft"),
         "to-tag": KSR.pv.gete("$tt"),
     }
     try:
-        _Ended.reply = rtpengine_ng.command(
+        _Ended.reply = rtpengine_ng.command_json(
             ctl.address, ctl.port, message, timeout=ctl.timeout_s, keep_socket=True
         )
     except (rtpengine_ng.NgError, OSError) as exc:

@@ -1,15 +1,19 @@
-"""A small client for rtpengine's ng control protocol (bencode over UDP): ping, list, query.
+"""A small client for rtpengine's ng control protocol (bencode or JSON over UDP): ping, list, query,
+delete.
 
-Used by the lab and `kemi-o365 status` to ask rtpengine what it holds (Kamailio talks to rtpengine
-through its own module, not through this).
+Used by the lab and `kemi-o365 status` to ask rtpengine what it holds, and by the Kamailio workers
+for one thing the rtpengine module cannot do: a BYE's delete whose reply (the final statistics) the
+call record keeps. Offers and answers go through Kamailio's rtpengine module.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
-from typing import TypeAlias
+from collections.abc import Mapping
+from typing import Any, TypeAlias
 
 Bencodable: TypeAlias = "int | bytes | str | list[Bencodable] | dict[str, Bencodable]"
 Decoded: TypeAlias = "int | bytes | list[Decoded] | dict[str, Decoded]"
@@ -62,16 +66,43 @@ def _decode(data: bytes, i: int) -> tuple[Decoded, int]:
     return data[start : start + length], start + length
 
 
-def command(
-    host: str, port: int, message: dict[str, Bencodable], timeout: float = 1.0, *, keep_socket: bool = False
-) -> dict[str, Decoded]:
-    """Send one ng command and return the decoded reply dictionary. `keep_socket`: reuse this
-    process's socket for the next command (Kamailio workers send one per call ending)."""
+def command(host: str, port: int, message: dict[str, Bencodable], timeout: float = 1.0) -> dict[str, Decoded]:
+    """Send one ng command and return the decoded reply dictionary."""
+    reply = bdecode(_exchange(host, port, message, bencode(message), timeout, keep_socket=False))
+    if not isinstance(reply, dict):
+        raise NgError("reply is not a dictionary")
+    if reply.get("result") == b"error":
+        reason = reply.get("error-reason", b"")
+        raise NgError(f"rtpengine error: {reason.decode() if isinstance(reason, bytes) else reason}")
+    return reply
+
+
+def command_json(
+    host: str, port: int, message: dict[str, str | int], timeout: float = 1.0, *, keep_socket: bool = False
+) -> dict[str, Any]:
+    """The same in JSON, which rtpengine (10.5 too) answers in JSON: the reply is decoded by CPython's
+    C parser, several times faster than bencode in Python for a delete's statistics. `keep_socket`:
+    reuse this process's socket next time (Kamailio workers send one per call ending)."""
+    payload = json.dumps(message).encode()
+    try:
+        reply = json.loads(_exchange(host, port, message, payload, timeout, keep_socket=keep_socket))
+    except ValueError as exc:
+        raise NgError(f"rtpengine's reply is not JSON: {exc}") from exc
+    if not isinstance(reply, dict):
+        raise NgError("reply is not a dictionary")
+    if reply.get("result") == "error":
+        raise NgError(f"rtpengine error: {reply.get('error-reason', '')}")
+    return reply
+
+
+def _exchange(
+    host: str, port: int, message: Mapping[str, object], payload: bytes, timeout: float, *, keep_socket: bool
+) -> bytes:
     cookie = os.urandom(6).hex().encode()
     sock = _kept_socket() if keep_socket else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.settimeout(timeout)
-        sock.sendto(cookie + b" " + bencode(message), (host, port))
+        sock.sendto(cookie + b" " + payload, (host, port))
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -80,21 +111,14 @@ def command(
                 raise NgError(
                     f"rtpengine at {host}:{port} did not answer {message.get('command')!r}"
                 ) from exc
-            got_cookie, _, payload = data.partition(b" ")
+            got_cookie, _, body = data.partition(b" ")
             if got_cookie == cookie:
-                break
+                return body
             # A late answer to an earlier command that timed out on the kept socket.
             sock.settimeout(max(0.001, deadline - time.monotonic()))
     finally:
         if not keep_socket:
             sock.close()
-    reply = bdecode(payload)
-    if not isinstance(reply, dict):
-        raise NgError("reply is not a dictionary")
-    if reply.get("result") == b"error":
-        reason = reply.get("error-reason", b"")
-        raise NgError(f"rtpengine error: {reason.decode() if isinstance(reason, bytes) else reason}")
-    return reply
 
 
 class _Kept:

@@ -100,15 +100,11 @@ def handler(policy: Policy) -> kemi.Kamailio:
 
 
 # What rtpengine answers a BYE's delete: the session's final counts (shape of rtpengine 10.5's reply).
-DELETE_REPLY: dict[str, rtpengine_ng.Decoded] = {
-    "result": b"ok",
+DELETE_REPLY: dict[str, object] = {
+    "result": "ok",
     "tags": {
-        "caller-tag": {
-            "medias": [{"streams": [{"flags": [b"RTP"], "stats": {"packets": 250, "errors": 1}}]}]
-        },
-        "callee-tag": {
-            "medias": [{"streams": [{"flags": [b"RTP"], "stats": {"packets": 240, "errors": 0}}]}]
-        },
+        "caller-tag": {"medias": [{"streams": [{"flags": ["RTP"], "stats": {"packets": 250, "errors": 1}}]}]},
+        "callee-tag": {"medias": [{"streams": [{"flags": ["RTP"], "stats": {"packets": 240, "errors": 0}}]}]},
     },
 }
 
@@ -130,7 +126,7 @@ def ng_socket(monkeypatch: pytest.MonkeyPatch, ksr: KsrDouble, policy: Policy) -
         assert {"from-tag", "to-tag"} <= set(message)  # without them rtpengine sends no statistics
         return DELETE_REPLY
 
-    monkeypatch.setattr(rtpengine_ng, "command", command)
+    monkeypatch.setattr(rtpengine_ng, "command_json", command)
     return sent
 
 
@@ -661,7 +657,7 @@ def test_bye_record_without_rtpengine_answer_has_no_media(
     def silent(*args: object, **kwargs: object) -> object:
         raise rtpengine_ng.NgError("rtpengine at 127.0.0.1:1 did not answer 'delete'")
 
-    monkeypatch.setattr(rtpengine_ng, "command", silent)
+    monkeypatch.setattr(rtpengine_ng, "command_json", silent)
     script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
     state = calls.start_state(CALL_ID, "sip:10048@cucm", "sip:87000@ms", "to_microsoft", 1000.0)
     ksr.returns["htable.sht_gete"] = lambda table, key: state if table == ksr_adapter.CALLS_TABLE else ""
