@@ -283,3 +283,26 @@ def test_masking_key_follows_the_private_key(tmp_path: Path) -> None:
     (tmp_path / "pki" / "sbc.key").write_text("a renewed key\n")
     renewed = load_policy(tmp_path / "policy.yaml")
     assert renewed.topology.key != first.topology.key
+
+
+def test_header_block_reads_the_same_with_and_without_folded_lines() -> None:
+    # Two code paths (a regex for the usual unfolded block, a line loop when a line is folded): the
+    # same headers must come out of both, start line skipped, blanks around names and values gone.
+    block = (
+        "INVITE sip:87000@ms.example.com SIP/2.0\r\n"
+        "Via : SIP/2.0/TCP 127.0.0.4:5060;branch=z9hG4bK1  \r\n"
+        "v:SIP/2.0/TCP 127.0.0.5\r\n"
+        "Max-Forwards:70\r\n"
+        "Subject:\r\n"
+        "Call-ID: a@b\r\n"
+    )
+    plain = topology.parse_headers(block)
+    assert plain == (
+        ("Via", "SIP/2.0/TCP 127.0.0.4:5060;branch=z9hG4bK1"),
+        ("v", "SIP/2.0/TCP 127.0.0.5"),
+        ("Max-Forwards", "70"),
+        ("Subject", ""),
+        ("Call-ID", "a@b"),
+    )
+    folded = topology.parse_headers(block + "Call-Info: <sip:x>;\r\n  purpose=icon\r\n")
+    assert folded == (*plain, ("Call-Info", "<sip:x>; purpose=icon"))
