@@ -56,9 +56,13 @@ class Kamailio:
         return 1
 
     def ksr_onreply_initial(self, msg: object) -> int:
+        if adapter.is_trying():
+            return 1
         return self._guarded("reply", lambda: self._reply(initial=True))
 
     def ksr_onreply_in_dialog(self, msg: object) -> int:
+        if adapter.is_trying():
+            return 1
         return self._guarded("reply", lambda: self._reply(initial=False))
 
     def ksr_failure_microsoft(self, msg: object) -> int:
@@ -78,6 +82,8 @@ class Kamailio:
         return 1
 
     def ksr_onreply_late_offer(self, msg: object) -> int:
+        if adapter.is_trying():
+            return 1
         return self._guarded("reply", lambda: self._reply(initial=False, late_offer=True))
 
     def _request(self) -> None:

@@ -218,6 +218,15 @@ def _tls_peer() -> tuple[bool, tuple[str, ...]]:
     return verified, tuple(str(n) for n in names if n)
 
 
+def is_trying() -> bool:
+    """A 100 Trying: hop by hop, tm absorbs it and relays nothing (RFC 3261 §16.7), so a reply
+    callback has nothing to do with it; one KSR call instead of reading the whole reply."""
+    try:
+        return KSR.pv.geti("$rs") == 100
+    except Exception:
+        return False  # the full handler then reports whatever is wrong with the reply
+
+
 def read_reply(policy: Policy) -> Reply:
     local_ip, local_port = _side()
     side = side_of(local_ip, local_port, policy)

@@ -573,6 +573,18 @@ def test_options_pings_get_the_sbc_contact(ksr: KsrDouble, handler: kemi.Kamaili
     assert ("hdr.append", (f"Contact: <sip:{SBC_FQDN}:5061;transport=tls>\r\n",)) in ksr.calls
 
 
+@pytest.mark.parametrize(
+    "callback", ["ksr_onreply_initial", "ksr_onreply_in_dialog", "ksr_onreply_late_offer"]
+)
+def test_100_trying_costs_one_read_and_changes_nothing(
+    ksr: KsrDouble, handler: kemi.Kamailio, callback: str
+) -> None:
+    # tm never relays a 100 (hop by hop): reading the rest of it would be work for nothing.
+    script_reply(ksr, 100, "INVITE", side="microsoft")
+    assert getattr(handler, callback)(None) == 1
+    assert ksr.calls == [("pv.geti", ("$rs",))]
+
+
 def test_failed_reinvite_keeps_the_media_session(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
     script_reply(ksr, 488, "INVITE", side="microsoft")
     assert handler.ksr_onreply_in_dialog(None) == 1
