@@ -127,15 +127,8 @@ def masker(policy: Policy) -> Masker:
     return _masker(policy.topology.key)
 
 
-# One header line: name (no blanks), colon, value without the blanks around it.
-_HEADER_LINE = re.compile(r"^([^\s:]+)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.M)
-
-
 def parse_headers(block: str) -> tuple[Header, ...]:
     """The header section (start line excluded or not) as (name, value) pairs; folded lines joined."""
-    if "\n " not in block and "\n\t" not in block:
-        # No folded line (the usual case): one regex pass in C instead of a Python loop per line.
-        return tuple(_HEADER_LINE.findall(block))
     out: list[list[str]] = []
     for raw in block.split("\n"):
         line = raw.rstrip("\r")

@@ -286,8 +286,7 @@ def test_masking_key_follows_the_private_key(tmp_path: Path) -> None:
 
 
 def test_header_block_reads_the_same_with_and_without_folded_lines() -> None:
-    # Two code paths (a regex for the usual unfolded block, a line loop when a line is folded): the
-    # same headers must come out of both, start line skipped, blanks around names and values gone.
+    # The start line is skipped, blanks around names and values go, a folded line joins its header.
     block = (
         "INVITE sip:87000@ms.example.com SIP/2.0\r\n"
         "Via : SIP/2.0/TCP 127.0.0.4:5060;branch=z9hG4bK1  \r\n"
