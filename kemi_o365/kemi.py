@@ -21,7 +21,7 @@ from kemi_o365.policy.errors import PolicyError, Problem
 from kemi_o365.policy.load import load_policy
 from kemi_o365.policy.model import Policy
 from kemi_o365.policy.reload import restart_needed
-from kemi_o365.request import Method
+from kemi_o365.request import Method, Side
 
 POLICY_ENV = "KEMI_O365_POLICY"
 
@@ -97,6 +97,12 @@ class Kamailio:
             return
         if not adapter.passes_sanity():
             return
+        if side is Side.CUCM:
+            ping = adapter.plain_ping()
+            quick = routing.cucm_ping(source_ip, *ping, self.policy) if ping is not None else None
+            if quick is not None:
+                adapter.apply(quick)
+                return
         request = adapter.read_request(self.policy, source_ip, side)
         decision = routing.decide(request, self.policy)
         if isinstance(decision, Respond) and decision.code >= 400:

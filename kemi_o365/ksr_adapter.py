@@ -151,6 +151,13 @@ def passes_sanity() -> bool:
     return KSR.sanity.sanity_check(SANITY_MSG_CHECKS, SANITY_URI_CHECKS) > 0
 
 
+def plain_ping() -> tuple[str, str] | None:
+    """For an OPTIONS outside a dialog without a body: (raw Max-Forwards, Require); else None."""
+    if not KSR.is_OPTIONS() or KSR.siputils.has_totag() > 0 or KSR.textops.has_body() > 0:
+        return None
+    return KSR.hdr.gete("Max-Forwards").strip(), KSR.hdr.gete("Require").strip()
+
+
 def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
     """The request's facts; `source_ip` and `side` are what the handler read first (`source`)."""
     _Ended.reply = None

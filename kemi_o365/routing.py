@@ -7,7 +7,6 @@ adapter gathers the facts and carries the decision out.
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
 
 from kemi_o365 import topology
 from kemi_o365.decision import (
@@ -75,6 +74,20 @@ def decide(req: Request, policy: Policy) -> Decision:
     return Respond(404, "Not Found")
 
 
+def cucm_ping(source_ip: str, raw_max_forwards: str, require: str, policy: Policy) -> Respond | None:
+    """The answer to an OPTIONS ping from CUCM's side (outside a dialog, no body) when it can be
+    given from these few facts, the same `decide` would give; None: read the whole request.
+
+    CUCM pings every trunk every few seconds; this keeps each ping to a handful of KSR calls."""
+    if not _in_networks(source_ip, policy.cucm.sources):
+        return None  # a stranger: the full path logs and refuses it
+    if raw_max_forwards and not (raw_max_forwards.isdigit() and int(raw_max_forwards) <= 255):
+        return None  # malformed: answered 400 by the full path
+    if require:
+        return Respond(420, "Bad Extension", (f"Unsupported: {require}",))
+    return Respond(200, "OK")
+
+
 def _refused(req: Request, policy: Policy) -> Respond | Drop | None:
     """Who may not send this, or why it cannot go on: checked before anything else is decided."""
     if req.side is Side.UNKNOWN:
@@ -105,17 +118,27 @@ def flood_limited(side: Side, source_ip: str, policy: Policy) -> bool:
 
 
 def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    return _in_networks_cached(ip, networks)
-
-
-# Sources are few (CUCM's nodes, Microsoft's proxies): the parse and the test are cached, bounded.
-@lru_cache(maxsize=1024)
-def _in_networks_cached(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    # Sources are few (CUCM's nodes, Microsoft's proxies): each answer is kept, keyed by the networks
+    # tuple's identity (hashing IPv4Network objects costs more than the test itself).
+    key = (ip, id(networks))
+    hit = _MEMBERSHIP.get(key)
+    if hit is not None and hit[0] is networks:
+        return hit[1]
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    return any(addr in net for net in networks)
+        inside = False
+    else:
+        inside = any(addr in net for net in networks)
+    if len(_MEMBERSHIP) >= 4096:
+        _MEMBERSHIP.clear()  # a flood of strangers must not grow it without bound
+    _MEMBERSHIP[key] = (networks, inside)
+    return inside
+
+
+_MEMBERSHIP: dict[
+    tuple[str, int], tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], bool]
+] = {}
 
 
 def _microsoft_allowed(req: Request, policy: Policy) -> bool:

@@ -67,6 +67,9 @@ class KsrDouble(types.ModuleType):
         if qualified in self.returns:
             value = self.returns[qualified]
             return value(*args) if callable(value) else value
+        if qualified.startswith("is_") and qualified[3:].isupper():
+            # KSR.is_INVITE() and friends: the scripted request's method.
+            return self.vars.get("$rm") == qualified[3:]
         if qualified in ("pv.get", "pv.gete", "pv.geti"):
             value = self.vars.get(args[0])
             if qualified == "pv.gete":

@@ -233,7 +233,8 @@ class TopologyHiding:
 @dataclass(frozen=True)
 class KamailioSettings:
     children: int
-    """SIP worker processes per UDP listener (TCP/TLS: one reader, kamailio.cfg says why)."""
+    """SIP worker processes for the UDP listener, and readers for CUCM's TCP connections (TLS has
+    one reader whatever this says: kamailio.cfg explains why)."""
     log_level: int
     """Kamailio `debug` level (-5..3; 2 = info)."""
     rtpengine_timeout_ms: int

@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
-from kemi_o365 import calls, kemi, ksr_adapter, rtpengine_ng, topology
+from kemi_o365 import calls, kemi, ksr_adapter, routing, rtpengine_ng, topology
+from kemi_o365.decision import Respond
 from kemi_o365.media import DEFAULT_ANSWER_TO_CUCM, DEFAULT_OFFER_TO_MICROSOFT, flag_string
 from kemi_o365.policy.model import Policy
+from kemi_o365.request import Side
 from tests.helpers import lab_policy
 from tests.ksr_double import KsrDouble, install
 
@@ -71,6 +73,7 @@ REQUEST_READS = Counter(
         "siputils.has_totag": 1,
         "textops.has_body_type": 1,
         "hdr.gete": 1,
+        "is_OPTIONS": 1,  # CUCM's OPTIONS pings take a shorter path (test_cucm_ping_*)
     }
 )
 
@@ -170,6 +173,7 @@ def script_request(
             "siputils.has_totag": 1 if in_dialog else -1,
             "rr.loose_route": 1 if routed else -1,
             "textops.has_body_type": 1 if sdp else -1,
+            "textops.has_body": 1 if sdp else -1,
             "is_ACK": lambda: ksr.vars["$rm"] == "ACK",
             # A new request: no transaction exists yet (tm returns -1 for both).
             "tmx.t_precheck_trans": -1,
@@ -225,6 +229,8 @@ def actions(ksr: KsrDouble) -> list[Call]:
         "hdr.gete",
         "siputils.has_totag",
         "textops.has_body_type",
+        "textops.has_body",
+        "is_OPTIONS",
         "rr.loose_route",
         "rr.check_route_param",
         "tls.is_peer_verified",
@@ -583,6 +589,46 @@ def test_100_trying_costs_one_read_and_changes_nothing(
     script_reply(ksr, 100, "INVITE", side="microsoft")
     assert getattr(handler, callback)(None) == 1
     assert ksr.calls == [("pv.geti", ("$rs",))]
+
+
+def test_cucm_ping_is_answered_from_a_few_reads(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "OPTIONS", sdp="")
+    assert handler.ksr_request_route(None) == 1
+    assert ksr.calls[-1] == ("sl.sl_send_reply", (200, "OK"))
+    # Who sent it, sanity, then only what the answer depends on: no full read of the request.
+    assert len(routing_calls(ksr)) <= 10, ksr.names()
+    assert "pv.gete" not in [n for n, a in ksr.calls if a and a[0] in ("$rU", "$rd", "$fU", "$ci")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "answer"),
+    [
+        ({}, (200, "OK")),
+        ({"Require": "100rel"}, (420, "Bad Extension")),
+        ({"Max-Forwards": "0"}, (200, "OK")),  # OPTIONS may be answered at Max-Forwards 0 (RFC 3261 §11)
+        ({"Max-Forwards": "x"}, (400, "Bad Request (Max-Forwards is not a number)")),
+        ({"Max-Forwards": "300"}, (400, "Bad Request (Max-Forwards above 255)")),
+    ],
+)
+def test_cucm_ping_answers_as_the_full_path_does(
+    ksr: KsrDouble, handler: kemi.Kamailio, policy: Policy, headers: dict[str, str], answer: tuple[int, str]
+) -> None:
+    script_request(ksr, "OPTIONS", sdp="")
+    ksr.headers.update(headers)
+    assert handler.ksr_request_route(None) == 1
+    replies = [a for n, a in ksr.calls if n == "sl.sl_send_reply"]
+    assert replies == [answer]
+    # The same answer as deciding on the whole request.
+    full = routing.decide(ksr_adapter.read_request(policy, "127.0.0.4", Side.CUCM), policy)
+    assert isinstance(full, Respond) and (full.code, full.reason) == answer
+
+
+def test_ping_from_a_stranger_takes_the_full_path(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    script_request(ksr, "OPTIONS", sdp="")
+    ksr.vars["$si"] = "192.0.2.77"
+    assert handler.ksr_request_route(None) == 1
+    assert ("sl.sl_send_reply", (403, "Forbidden")) in ksr.calls
+    assert any("kemi-o365: 403" in a[0] for n, a in ksr.calls if n == "warn")
 
 
 def test_failed_reinvite_keeps_the_media_session(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
