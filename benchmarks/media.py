@@ -80,6 +80,7 @@ PORTS_PER_CALL = 4  # RTP + RTCP on each side (rtcp-mux-demux)
 WARMUP_S = 1.0
 DRAIN_S = 0.5
 SOCKET_BUFFER = 16 * 1024 * 1024
+SETUP_LIMIT_S = 60.0  # offer+answer take well under 1 ms each: far over this, rtpengine is stuck
 CHECKS_PER_DIRECTION = 20
 TICK = os.sysconf("SC_CLK_TCK")
 FULL_COUNTS = (50, 100, 200, 400, 800, 1200, 1600)
@@ -228,10 +229,22 @@ def set_up_call(ng: tuple[str, int], flags: Flags, n: int, *, step: int, a_port:
     return CallLeg(call_id, from_tag, to_tag, answered_target(_text(answer, "sdp")), key)
 
 
-def delete_call(ng: tuple[str, int], leg: CallLeg) -> None:
-    with contextlib.suppress(rtpengine_ng.NgError, OSError):
-        msg: dict[str, Bencodable] = {"command": "delete", "call-id": leg.call_id}
-        rtpengine_ng.command(*ng, {**msg, "from-tag": leg.from_tag, "to-tag": leg.to_tag}, timeout=2.0)
+def delete_call(ng: tuple[str, int], leg: CallLeg) -> tuple[int, int]:
+    """Delete one call; rtpengine's own final (RTP packets, errors) count for it, both directions
+    and warm-up included (errors: packets it could not relay, e.g. SRTP failing authentication)."""
+    msg: dict[str, Bencodable] = {"command": "delete", "call-id": leg.call_id}
+    try:
+        reply = rtpengine_ng.command(
+            *ng, {**msg, "from-tag": leg.from_tag, "to-tag": leg.to_tag}, timeout=2.0
+        )
+    except (rtpengine_ng.NgError, OSError):
+        return 0, 0
+    totals = reply.get("totals")
+    rtp = totals.get("RTP") if isinstance(totals, dict) else None
+    if not isinstance(rtp, dict):
+        return 0, 0
+    packets, errors = rtp.get("packets", 0), rtp.get("errors", 0)
+    return (packets if isinstance(packets, int) else 0), (errors if isinstance(errors, int) else 0)
 
 
 # --- the process and the machine ----------------------------------------------------------------------
@@ -550,6 +563,8 @@ class Step:
     send_errors: int = 0
     echo_errors: int = 0
     stray_packets: int = 0
+    rtpengine_rtp_packets: int = 0
+    rtpengine_rtp_errors: int = 0
     kernel_drops_generator: int = 0
     kernel_drops_rtpengine: int = 0
     checked_srtp: int = 0
@@ -638,14 +653,20 @@ def run_step(
     rss_before = rss_bytes(traffic.rtpengine_pid)
     legs: list[CallLeg] = []
     started = time.monotonic()
+    deadline = started + SETUP_LIMIT_S
+    relayed = errors = 0
     try:
         for n in range(count):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"setting up {count} calls took over {SETUP_LIMIT_S:.0f} s (at call {n})")
             legs.append(set_up_call(ng, flags, n, step=index, a_port=traffic.a_port, b_port=traffic.b_port))
         setup_s = time.monotonic() - started
         step = traffic.run(legs, (index + 1) << 24, seconds)
     finally:
         for leg in legs:
-            delete_call(ng, leg)
+            p, e = delete_call(ng, leg)
+            relayed, errors = relayed + p, errors + e
+    step.rtpengine_rtp_packets, step.rtpengine_rtp_errors = relayed, errors
     step.rss_before = rss_before
     step.rss_bytes_per_call = round((step.rss_after - idle_rss) / count)
     step.setup_s = round(setup_s, 2)
@@ -700,6 +721,11 @@ def step_notes(step: Step, cores: int) -> list[str]:
             f"{step.calls} calls: the machine was {step.machine_busy_pct}% busy: rtpengine and the "
             f"generator competed for the same {cores} cores"
         )
+    if step.rtpengine_rtp_errors:
+        notes.append(
+            f"{step.calls} calls: rtpengine counted {step.rtpengine_rtp_errors} RTP errors "
+            "(packets it could not relay)"
+        )
     if step.check_failures:
         notes.append(f"{step.calls} calls: packet checks failed: {'; '.join(step.check_failures[:3])}")
     return notes
@@ -725,6 +751,13 @@ def bottleneck(steps: list[Step]) -> tuple[str, str]:
     strain = generator_strain(last)
     if strain and last.kernel_drops_rtpengine <= last.kernel_drops_generator:
         return "generator", f"at {last.calls} calls the loss is the generator's: {'; '.join(strain)}"
+    if last.machine_busy_pct > 90:
+        return "machine", (
+            f"at {last.calls} calls the machine was {last.machine_busy_pct}% busy (rtpengine "
+            f"{last.rtpengine_cpu_pct_of_core}% of a core, generator {last.generator_cpu_pct_of_core}%, "
+            f"{last.kernel_drops_rtpengine} packets dropped in rtpengine's sockets): rtpengine ran out of "
+            "CPU it shared with the generator; with the generator on another host it would relay more"
+        )
     return "rtpengine", (
         f"at {last.calls} calls rtpengine lost packets (rtpengine {last.rtpengine_cpu_pct_of_core}% of a "
         f"core, {last.kernel_drops_rtpengine} dropped in its sockets) while the generator kept up "
