@@ -76,7 +76,6 @@ RTP_LEN = 12 + SAMPLES_PER_PACKET
 AUTH_TAG = 10  # AES_CM_128_HMAC_SHA1_80
 SRTP_LEN = RTP_LEN + AUTH_TAG
 CRYPTO_SUITE = "AES_CM_128_HMAC_SHA1_80"
-PORTS_PER_CALL = 4  # RTP + RTCP on each side (rtcp-mux-demux)
 WARMUP_S = 1.0
 DRAIN_S = 0.5
 SOCKET_BUFFER = 16 * 1024 * 1024
@@ -609,18 +608,19 @@ def run_media_bench(
 ) -> dict[str, Any]:
     """Ramp `counts` simultaneous calls for `seconds` each (after 1 s of warm-up) through one rtpengine
     on media ports `port_range`; stop after the first count losing MAX_LOSS_PCT or more."""
-    fits = (port_range[1] - port_range[0] + 1) // PORTS_PER_CALL
     limits: list[str] = []
-    wanted = sorted(set(counts))
-    if any(c > fits for c in wanted):
-        limits.append(
-            f"counts above {fits} not run: media ports {port_range[0]}-{port_range[1]} hold "
-            f"{fits} calls at {PORTS_PER_CALL} ports each"
-        )
-        wanted = [c for c in wanted if c <= fits]
     work.mkdir(parents=True, exist_ok=True)
     steps: list[Step] = []
     with rtpengine(port_range, work, log) as (policy, pid):
+        per_call = ports_per_call(policy)
+        fits = (port_range[1] - port_range[0] + 1) // per_call
+        wanted = sorted(set(counts))
+        if any(c > fits for c in wanted):
+            limits.append(
+                f"counts above {fits} not run: media ports {port_range[0]}-{port_range[1]} hold "
+                f"{fits} calls at {per_call} ports each"
+            )
+            wanted = [c for c in wanted if c <= fits]
         flags = product_flags(policy)
         ng = (policy.rtpengine.control_address, policy.rtpengine.control_port)
         idle_rss = rss_bytes(pid)
@@ -637,6 +637,14 @@ def run_media_bench(
         finally:
             traffic.close()
     return summary(steps, flags, idle_rss, limits)
+
+
+def ports_per_call(policy: Any) -> int:
+    """Ports a call takes from the range: RTP + RTCP (rtcp-mux-demux) per side. rtpengine 10.5 keeps
+    one port pool per local address (measured: 100 ports held 50 calls with internal and external
+    on 127.0.0.1 and 127.0.0.2), so the two sides share a pool only when they share an address."""
+    sbc = policy.sbc
+    return 4 if sbc.internal.address == sbc.external.address else 2
 
 
 def run_step(
