@@ -716,60 +716,74 @@ def generator_strain(step: Step) -> list[str]:
     return signs
 
 
-def step_notes(step: Step, cores: int) -> list[str]:
-    notes = [f"{step.calls} calls: {sign}" for sign in generator_strain(step)]
-    other = step.machine_busy_pct * cores - step.rtpengine_cpu_pct_of_core - step.generator_cpu_pct_of_core
-    if other > 20:
+def others_pct(step: Step, cores: int) -> float:
+    """CPU (% of one core) that neither rtpengine nor the generator used during the step."""
+    return step.machine_busy_pct * cores - step.rtpengine_cpu_pct_of_core - step.generator_cpu_pct_of_core
+
+
+def step_notes(steps: list[Step], cores: int) -> list[str]:
+    """Per-step signs, one line per kind, naming the steps it applies to."""
+    notes = [f"{s.calls} calls: {sign}" for s in steps for sign in generator_strain(s)]
+    noisy = [s for s in steps if others_pct(s, cores) > 20]
+    if noisy:
+        shares = ", ".join(f"{s.calls} calls {others_pct(s, cores):.0f}%" for s in noisy)
         notes.append(
-            f"{step.calls} calls: other processes used about {other:.0f}% of a core meanwhile "
-            "(CPU figures and the ceiling are noisy)"
+            f"other processes on this machine used CPU meanwhile (% of a core: {shares}): CPU figures "
+            "and the ceiling are noisy"
         )
-    if step.machine_busy_pct > 90:
+    full = [s for s in steps if s.machine_busy_pct > 90]
+    if full:
+        shares = ", ".join(f"{s.calls} calls {s.machine_busy_pct}%" for s in full)
         notes.append(
-            f"{step.calls} calls: the machine was {step.machine_busy_pct}% busy: rtpengine and the "
-            f"generator competed for the same {cores} cores"
+            f"the machine was saturated ({shares} of all {cores} cores busy): rtpengine and the "
+            "generator competed for the same cores"
         )
-    if step.rtpengine_rtp_errors:
-        notes.append(
-            f"{step.calls} calls: rtpengine counted {step.rtpengine_rtp_errors} RTP errors "
-            "(packets it could not relay)"
-        )
-    if step.check_failures:
-        notes.append(f"{step.calls} calls: packet checks failed: {'; '.join(step.check_failures[:3])}")
+    for s in steps:
+        if s.rtpengine_rtp_errors:
+            notes.append(
+                f"{s.calls} calls: rtpengine counted {s.rtpengine_rtp_errors} RTP errors (not relayed)"
+            )
+        if s.check_failures:
+            notes.append(f"{s.calls} calls: packet checks failed: {'; '.join(s.check_failures[:3])}")
     return notes
 
 
-def bottleneck(steps: list[Step]) -> tuple[str, str]:
+def bottleneck(steps: list[Step], cores: int) -> tuple[str, str]:
     """Who limited the ramp, and one sentence why."""
     if not steps:
         return "none", "no step ran"
     last = steps[-1]
+    cpu = (
+        f"rtpengine {last.rtpengine_cpu_pct_of_core}% of a core, generator "
+        f"{last.generator_cpu_pct_of_core}%, other processes {others_pct(last, cores):.0f}%, machine "
+        f"{last.machine_busy_pct}% busy"
+    )
+    strain = generator_strain(last)
     if passed(last):
-        strain = generator_strain(last)
         if strain:
             return "generator", (
                 f"the highest count run ({last.calls}) passed but {'; '.join(strain)}: "
-                "a higher count would measure the generator, not rtpengine"
+                f"a higher count would measure the generator, not rtpengine ({cpu})"
             )
-        return "not reached", (
-            f"the highest count run ({last.calls}) passed: rtpengine's ceiling is above it "
-            f"(rtpengine {last.rtpengine_cpu_pct_of_core}% of a core, generator "
-            f"{last.generator_cpu_pct_of_core}%)"
-        )
-    strain = generator_strain(last)
+        return "not reached", f"the highest count run ({last.calls}) passed: the ceiling is above it ({cpu})"
     if strain and last.kernel_drops_rtpengine <= last.kernel_drops_generator:
-        return "generator", f"at {last.calls} calls the loss is the generator's: {'; '.join(strain)}"
+        starved = (
+            "; the generator was starved of CPU on the saturated machine rather than out of a core of its own"
+            if last.machine_busy_pct > 90 and last.generator_cpu_pct_of_core <= 90
+            else ""
+        )
+        return (
+            "generator",
+            f"at {last.calls} calls the loss is the generator's: {'; '.join(strain)} ({cpu}){starved}",
+        )
     if last.machine_busy_pct > 90:
         return "machine", (
-            f"at {last.calls} calls the machine was {last.machine_busy_pct}% busy (rtpengine "
-            f"{last.rtpengine_cpu_pct_of_core}% of a core, generator {last.generator_cpu_pct_of_core}%, "
-            f"{last.kernel_drops_rtpengine} packets dropped in rtpengine's sockets): rtpengine ran out of "
-            "CPU it shared with the generator; with the generator on another host it would relay more"
+            f"at {last.calls} calls rtpengine lost packets ({last.kernel_drops_rtpengine} dropped in its "
+            f"sockets) on a saturated machine ({cpu}): it ran out of CPU it shared with the generator"
         )
     return "rtpengine", (
-        f"at {last.calls} calls rtpengine lost packets (rtpengine {last.rtpengine_cpu_pct_of_core}% of a "
-        f"core, {last.kernel_drops_rtpengine} dropped in its sockets) while the generator kept up "
-        f"(generator {last.generator_cpu_pct_of_core}% of a core, late p99 {last.send_late_ms_p99} ms)"
+        f"at {last.calls} calls rtpengine lost packets ({last.kernel_drops_rtpengine} dropped in its "
+        f"sockets) while the generator kept up (late p99 {last.send_late_ms_p99} ms; {cpu})"
     )
 
 
@@ -797,10 +811,8 @@ def summary(steps: list[Step], flags: Flags, idle_rss: int, limits: list[str]) -
     cores = int(info["cores"])
     good = [s for s in steps if passed(s)]
     best = good[-1] if good else None
-    who, why = bottleneck(steps)
-    notes = [why, *limits]
-    for step in steps:
-        notes += step_notes(step, cores)
+    who, why = bottleneck(steps, cores)
+    notes = [why, *limits, *step_notes(steps, cores)]
     if best is not None and not generator_strain(best):
         notes.append(
             f"the generator at {best.calls} calls: {best.generator_cpu_pct_of_core}% of a core "
