@@ -616,11 +616,13 @@ def run_media_bench(
         fits = (port_range[1] - port_range[0] + 1) // per_call
         wanted = sorted(set(counts))
         if any(c > fits for c in wanted):
+            # The most the range holds replaces the counts that do not fit: the ramp still ends as
+            # high as this run can go.
             limits.append(
-                f"counts above {fits} not run: media ports {port_range[0]}-{port_range[1]} hold "
-                f"{fits} calls at {per_call} ports each"
+                f"counts above {fits} not run (replaced by {fits}): media ports "
+                f"{port_range[0]}-{port_range[1]} hold {fits} calls at {per_call} ports each"
             )
-            wanted = [c for c in wanted if c <= fits]
+            wanted = sorted({c for c in wanted if c <= fits} | {fits})
         flags = product_flags(policy)
         ng = (policy.rtpengine.control_address, policy.rtpengine.control_port)
         idle_rss = rss_bytes(pid)
