@@ -31,6 +31,10 @@ unchanged, is then valid SRTP under the answer's key, and rtpengine decrypts it 
   drops     the kernel's per-socket drop counters (/proc/net/udp) of A, B and rtpengine's sockets:
             where a lost packet was dropped (the generator's buffers or rtpengine's).
 
+  ports     RTP + RTCP per side (rtcp-mux-demux); rtpengine keeps a port pool per local address, so
+            with internal and external on their own addresses a call takes 2 ports of the range (4
+            when they share one); counts the range cannot hold are replaced by the most it holds.
+
 The counts ramp until the first one losing 0.5% or more in either direction. The result says in
 `limits` when the generator (this Python process), not rtpengine, was what ran out.
 """
