@@ -1,27 +1,38 @@
-"""Calls per second, latency, CPU per call and the OPTIONS ceiling: kemi-o365 (Python KEMI) against
-Kamailio's native configuration doing the same seed call (benchmarks/native/kamailio.cfg).
+"""Calls per second, latency, CPU per call, the OPTIONS ceiling, memory per call and media capacity:
+kemi-o365 (Python KEMI) against Kamailio's native configuration doing the same seed call
+(benchmarks/native/kamailio.cfg).
 
-    .venv/bin/python benchmarks/bench.py                 # the full run (about 15 minutes)
-    .venv/bin/python benchmarks/bench.py --smoke --output-dir DIR --no-plots   # seconds, for make test
+    .venv/bin/python benchmarks/bench.py                 # the full run (about 25 minutes)
+    .venv/bin/python benchmarks/bench.py --smoke --output-dir DIR --no-plots   # a minute, for make test
 
 Everything runs on this machine on loopback: for each contender a fresh lab (rtpengine, Kamailio from
 kemi_o365.launch with the same -A defines and policy, the Python mutual-TLS Microsoft peer), SIPp as
-CUCM over one TCP connection. The contenders alternate at every step (kemi first at even steps, native
-first at odd ones), so drift of the machine falls on both.
+CUCM. The contenders alternate at every step (kemi first at even steps, native first at odd ones), so
+drift of the machine falls on both.
 
   calls     SIPp seed call (INVITE with SDP through rtpengine offer/answer, 200, ACK, --hold-ms, BYE) at
-            rising rates, each step --step-seconds long; a rate is sustained when under 0.1% of the
-            calls failed and SIPp created at least 95% of the calls the rate asks for. Kamailio CPU is
-            utime+stime of every Kamailio process (its process group, /proc) before and after the
-            step; rtpengine's the same; the peer's is this process's (it runs here, in threads);
-            SIPp's from its rusage. Kamailio shared memory (RPC core.shmmem) and rtpengine's RSS are
-            sampled in the middle of the step against the calls rtpengine holds then.
+            rising rates, each step --step-seconds long, first over one CUCM TCP connection, then over
+            several (--connections; one SIPp per connection, an equal share of the rate each), from the
+            highest rate one connection sustained. A rate is sustained when under 0.1% of the calls
+            failed and SIPp created them at 95% of the rate or more (a backlog stretches its run).
+            Kamailio CPU is utime+stime of every Kamailio process (its process group, /proc) before
+            and after the step; rtpengine's the same; the peer's is this process's (it runs here, in
+            threads); SIPp's from its rusage.
   latency   INVITE -> 200 as CUCM's socket sees it, from a tshark capture on lo (SIPp 3.6.1's own
             response times are quantised to about 4 ms), at a rate both contenders sustain; the
             peer's own time (INVITE received -> 200 sent, its timestamps) is subtracted per call to
             give what the SBC adds.
   options   a closed-loop UDP driver in this process (a window of requests in flight) sends
             OPTIONS from CUCM's address; answered per second and Kamailio CPU per OPTIONS.
+  memory    calls placed and held; once all are up and tm's wait timer has removed their INVITE
+            transactions, Kamailio's shared memory (RPC core.shmmem) and rtpengine's RSS above idle,
+            per call rtpengine holds.
+  profile   py-spy samples the busiest Kamailio process (the one reading CUCM's connection) of the
+            kemi contender at the latency rate: the share of Python of ours, of KSR calls (Kamailio's
+            C code: tm, rtpengine module...), of Kamailio outside the handler, and the top lines.
+            Samples are wall-clock: a KSR call or socket read waiting for rtpengine counts.
+  media     benchmarks/media.py: rtpengine alone relaying RTP <-> SRTP both ways for rising counts
+            of simultaneous calls (its docstring says how).
 
 Writes DIR/latest.json (the keys below, null with a note under "limits" for what was not measured)
 and DIR/report.md with PNG plots when matplotlib is installed (`pip install -e '.[bench]'`).
@@ -49,6 +60,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import media as media_bench  # benchmarks/media.py: rtpengine's RTP <-> SRTP relay capacity
+
 REPO = Path(__file__).resolve().parent.parent
 NATIVE_CFG = REPO / "benchmarks" / "native" / "kamailio.cfg"
 RESULTS = REPO / "benchmarks" / "results"
@@ -56,6 +69,7 @@ SCENARIO = REPO / "sipp-scenarios" / "seed-call" / "uac.xml"
 CONTENDERS: dict[str, Path | None] = {"kemi": None, "native": NATIVE_CFG}
 MAX_FAILED_PCT = 0.1
 MIN_RATE_SHARE = 0.95
+TAIL_S = 0.5  # SIPp's start-up and the last BYE's round trip, taken out of a step's elapsed time
 TICK = os.sysconf("SC_CLK_TCK")
 CUCM_IP = "127.0.0.4"
 
@@ -228,46 +242,65 @@ class SippRun:
     complaint: str
 
 
-def run_sipp_load(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path) -> SippRun:
-    """SIPp as CUCM: `rate` seed calls per second for `seconds`, one TCP connection, no traces but
-    the statistics file and the errors; bounded by its own -timeout and ours."""
+def run_sipp_load(
+    lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path, *, connections: int = 1
+) -> SippRun:
+    """SIPp as CUCM: `rate` seed calls per second for `seconds` over `connections` TCP connections (one
+    SIPp each, an equal share of the rate), no traces but the statistics files and the errors;
+    bounded by SIPp's own -timeout and ours."""
     from kemi_o365.lab.sipp import exit_meaning, free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
-    calls = max(1, round(rate * seconds))
-    stat = workdir / "stat.csv"
-    limit_s = seconds + 30
-    cmd = ["sipp", f"127.0.0.1:{lb.sbc_cucm_port}", "-sf", str(SCENARIO), "-t", "t1"]
-    cmd += ["-i", CUCM_IP, "-p", str(free_port(CUCM_IP)), "-s", "87000", "-m", str(calls)]
-    cmd += ["-r", f"{rate:g}", "-l", str(max(100, int(rate * 10)))]
-    cmd += ["-nostdin", "-timeout", f"{limit_s:.0f}s", "-timeout_error", "-recv_timeout", "10000"]
-    cmd += ["-mi", CUCM_IP, "-mp", str(free_port(CUCM_IP, socket.SOCK_DGRAM))]
-    cmd += ["-key", "ruri_host", "pstn-o365.example.com", "-key", "hold_ms", str(hold_ms)]
-    cmd += ["-key", "rtp_port", "6000", "-trace_stat", "-stf", str(stat), "-fd", "1"]
-    cmd += ["-trace_err", "-error_file", str(workdir / "errors.log")]
+    share = rate / connections
+    calls = max(1, round(share * seconds))
+    limit_s = seconds + 30 + hold_ms / 1000
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    with open(workdir / "sipp.out", "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)  # fmt: skip
     try:
-        proc.wait(limit_s + 15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        for n in range(connections):
+            leg = workdir / f"sipp-{n}"
+            leg.mkdir(exist_ok=True)
+            cmd = ["sipp", f"127.0.0.1:{lb.sbc_cucm_port}", "-sf", str(SCENARIO), "-t", "t1"]
+            cmd += ["-i", CUCM_IP, "-p", str(free_port(CUCM_IP)), "-s", "87000", "-m", str(calls)]
+            cmd += ["-r", f"{share:g}", "-l", str(max(100, int(share * (10 + hold_ms / 1000))))]
+            cmd += ["-nostdin", "-timeout", f"{limit_s:.0f}s", "-timeout_error", "-recv_timeout", "10000"]
+            cmd += ["-mi", CUCM_IP, "-mp", str(free_port(CUCM_IP, socket.SOCK_DGRAM))]
+            cmd += ["-key", "ruri_host", "pstn-o365.example.com", "-key", "hold_ms", str(hold_ms)]
+            cmd += ["-key", "rtp_port", "6000", "-trace_stat", "-stf", str(leg / "stat.csv"), "-fd", "1"]
+            cmd += ["-trace_err", "-error_file", str(leg / "errors.log")]
+            with open(leg / "sipp.out", "wb") as out:
+                proc = subprocess.Popen(cmd, cwd=leg, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                        start_new_session=True)  # fmt: skip
+            procs.append((proc, leg))
+        for proc, _ in procs:
+            try:
+                proc.wait(max(1.0, limit_s + 15 - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
     elapsed = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    row = _last_stat_row(stat)
-    errors = (workdir / "errors.log").read_text(errors="replace") if (workdir / "errors.log").exists() else ""
+    rows = [_last_stat_row(leg / "stat.csv") for _, leg in procs]
+    complaints = []
+    for (proc, leg), _row in zip(procs, rows, strict=True):
+        if proc.returncode != 0:
+            errors = (leg / "errors.log").read_text(errors="replace") if (leg / "errors.log").exists() else ""
+            complaints.append(f"{exit_meaning(proc.returncode)}: {errors[-300:].strip()}")
     return SippRun(
-        exit_code=proc.returncode,
-        created=int(row.get("TotalCallCreated", 0) or 0),
-        successful=int(row.get("SuccessfulCall(C)", 0) or 0),
-        failed=int(row.get("FailedCall(C)", 0) or 0),
+        exit_code=max((abs(proc.returncode or 0) for proc, _ in procs), default=0),
+        created=sum(int(r.get("TotalCallCreated", 0) or 0) for r in rows),
+        successful=sum(int(r.get("SuccessfulCall(C)", 0) or 0) for r in rows),
+        failed=sum(int(r.get("FailedCall(C)", 0) or 0) for r in rows),
         elapsed_s=elapsed,
         cpu_s=cpu,
-        complaint="" if proc.returncode == 0 else f"{exit_meaning(proc.returncode)}: {errors[-300:].strip()}",
+        complaint=complaints[0] if complaints else "",
     )
 
 
@@ -287,6 +320,7 @@ def _last_stat_row(path: Path) -> dict[str, str]:
 @dataclass
 class CallStep:
     contender: str
+    connections: int
     rate: float
     seconds: float
     created: int
@@ -321,7 +355,9 @@ class CallStep:
         return out
 
 
-def call_step(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path) -> CallStep:
+def call_step(
+    lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path, *, connections: int = 1
+) -> CallStep:
     k_pids = lb.kamailio_pids
     idle_shm, idle_rss = lb.shm_used(), rss_bytes(lb.rtpengine_pid)
     k0, r0, p0 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
@@ -339,7 +375,7 @@ def call_step(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path)
 
     sampler = threading.Thread(target=sample_mid, daemon=True)
     sampler.start()
-    run = run_sipp_load(lb, rate, seconds, hold_ms, workdir)
+    run = run_sipp_load(lb, rate, seconds, hold_ms, workdir, connections=connections)
     sampler.join(5)
     k1, r1, p1 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
     b1, t1 = machine_busy()
@@ -349,16 +385,23 @@ def call_step(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path)
     calls_mid = sample.get("calls", 0)
     per_call_shm = (sample["shm"] - idle_shm) / calls_mid if calls_mid and "shm" in sample else None
     per_call_rss = (sample["rss"] - idle_rss) / calls_mid if calls_mid and "rss" in sample else None
+    # SIPp's run ends with the last call's hold and BYE (and its start-up): take those out before
+    # judging the rate it created calls at; a backlog stretches the run and lowers this.
+    creating_s = max(seconds, run.elapsed_s - hold_ms / 1000 - TAIL_S)
+    achieved = run.created / creating_s
     return CallStep(
         contender=lb.name,
+        connections=connections,
         rate=rate,
         seconds=seconds,
         created=run.created,
         successful=run.successful,
         failed=run.failed,
         failed_pct=round(failed_pct, 4),
-        achieved_cps=round(run.created / max(seconds, run.elapsed_s - 0.0), 2),
-        sustained=failed_pct < MAX_FAILED_PCT and run.created >= MIN_RATE_SHARE * asked,
+        achieved_cps=round(achieved, 2),
+        sustained=failed_pct < MAX_FAILED_PCT
+        and run.created >= MIN_RATE_SHARE * asked
+        and achieved >= MIN_RATE_SHARE * rate,
         kamailio_cpu_s=round(k1 - k0, 3),
         rtpengine_cpu_s=round(r1 - r0, 3),
         peer_cpu_s=round(p1 - p0, 3),
@@ -370,6 +413,135 @@ def call_step(lb: Lab, rate: float, seconds: float, hold_ms: int, workdir: Path)
         sipp_exit=run.exit_code,
         complaint=run.complaint,
     )
+
+
+# --- memory per concurrent call ---------------------------------------------------------------------
+
+
+@dataclass
+class MemoryRun:
+    contender: str
+    calls_up: int
+    """Calls rtpengine held when sampled (all of them in their hold, no transaction left)."""
+    kamailio_shm_bytes: int
+    rtpengine_rss_bytes: int
+    kamailio_shm_per_call_bytes: float | None
+    rtpengine_rss_per_call_bytes: float | None
+    failed: int
+
+
+def memory_run(
+    lb: Lab, calls: int, rate: float, workdir: Path, *, hold_s: float, settle_s: float
+) -> MemoryRun:
+    """`calls` seed calls placed at `rate` and held `hold_s`; sampled once all are up and their INVITE
+    transactions are gone (tm keeps one `settle_s` after its final reply: wait timer 5 s), so what
+    remains is what a call costs while it lasts."""
+    import threading
+
+    idle_shm, idle_rss = lb.shm_used(), rss_bytes(lb.rtpengine_pid)
+    sample: dict[str, int] = {}
+    creating_s = calls / rate
+
+    def sample_when_settled() -> None:
+        time.sleep(creating_s + settle_s)
+        with contextlib.suppress(Exception):
+            sample["calls"] = lb.rtpengine_calls()
+            sample["shm"] = lb.shm_used()
+            sample["rss"] = rss_bytes(lb.rtpengine_pid)
+
+    sampler = threading.Thread(target=sample_when_settled, daemon=True)
+    sampler.start()
+    run = run_sipp_load(lb, rate, creating_s, int(hold_s * 1000), workdir)
+    sampler.join(5)
+    up = sample.get("calls", 0)
+    shm = sample.get("shm", idle_shm) - idle_shm
+    rss = sample.get("rss", idle_rss) - idle_rss
+    return MemoryRun(
+        contender=lb.name,
+        calls_up=up,
+        kamailio_shm_bytes=shm,
+        rtpengine_rss_bytes=rss,
+        kamailio_shm_per_call_bytes=round(shm / up) if up else None,
+        rtpengine_rss_per_call_bytes=round(rss / up) if up else None,
+        failed=run.failed + max(0, run.created - run.successful - run.failed),
+    )
+
+
+# --- where the Python time goes -------------------------------------------------------------------
+
+
+def profile_run(lb: Lab, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    """py-spy samples the busiest Kamailio process (the one serving CUCM's connection) while SIPp
+    places calls at `rate`; the raw stacks are summed into where the time went."""
+    import threading
+
+    from kemi_o365.launch import REPO as repo
+
+    spy = Path(sys.prefix) / "bin" / "py-spy"
+    if not spy.exists():
+        raise RuntimeError(f"py-spy is not installed in {sys.prefix} (pip install -e '.[dev]')")
+    workdir.mkdir(parents=True, exist_ok=True)
+    pids = lb.kamailio_pids
+    c0 = {p: cpu_seconds([p]) for p in pids}
+    load = threading.Thread(
+        target=run_sipp_load, args=(lb, rate, seconds + 2, 100, workdir / "sipp"), daemon=True
+    )
+    load.start()
+    time.sleep(1.0)
+    c1 = {p: cpu_seconds([p]) for p in pids}
+    busiest = max(pids, key=lambda p: c1[p] - c0[p])
+    raw = workdir / "py-spy.txt"
+    cmd = [str(spy), "record", "-p", str(busiest), "-d", f"{max(1, int(seconds))}", "-r", "250", "--native"]
+    cmd += ["-f", "raw", "-o", str(raw)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    load.join(seconds + 60)
+    if not raw.exists():
+        raise RuntimeError(f"py-spy recorded nothing: {(done.stderr or done.stdout).strip()[-300:]}")
+    return summarise_profile(raw.read_text(), str(repo))
+
+
+def summarise_profile(raw: str, repo: str) -> dict[str, Any]:
+    """py-spy's raw stacks ("frame;frame;... count" per line): how much of the samples ran Python of
+    ours or of libraries (not inside a KSR call), KSR calls, and Kamailio outside the handler; the
+    Python lines and KSR functions with the most samples."""
+    total = python_own = in_ksr = 0
+    by_function: dict[str, int] = {}
+    by_ksr: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        python = [i for i, f in enumerate(frames) if ".py:" in f]
+        if not python:
+            continue
+        below = frames[python[-1] + 1 :]
+        if any("sr_apy_kemi_exec_func" in f for f in below):
+            in_ksr += n
+            caller = frames[python[-1]].split(" (")[0]
+            by_ksr[caller] = by_ksr.get(caller, 0) + n
+            continue
+        python_own += n
+        leaf = frames[python[-1]].replace(repo + "/", "")
+        by_function[leaf] = by_function.get(leaf, 0) + n
+
+    def top(counts: dict[str, int]) -> list[dict[str, Any]]:
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:15]
+        return [{"where": k, "pct": round(100 * v / total, 1)} for k, v in best]
+
+    def pct(n: int) -> float | None:
+        return round(100 * n / total, 1) if total else None
+
+    return {
+        "samples": total,
+        "python_own_pct": pct(python_own),
+        "in_ksr_calls_pct": pct(in_ksr),
+        "kamailio_outside_python_pct": pct(total - python_own - in_ksr),
+        "top_python_lines": top(by_function),
+        "top_ksr_callers": top(by_ksr),
+    }
 
 
 # --- latency from a capture ------------------------------------------------------------------------
@@ -592,6 +764,15 @@ class Config:
     options_rounds: int
     children: int
     smoke: bool
+    connections: list[int]
+    """CUCM TCP connections per ramp: 1 first, then more (CUCM trunks can use several)."""
+    memory_calls: int
+    memory_rate: float
+    memory_hold_s: float
+    memory_settle_s: float
+    profile_seconds: float
+    media_counts: list[int]
+    media_seconds: float
 
 
 def order(step: int) -> list[str]:
@@ -599,36 +780,60 @@ def order(step: int) -> list[str]:
     return names if step % 2 == 0 else names[::-1]
 
 
+def ramp_rates(cfg: Config, connections: int, single: dict[str, float], name: str) -> list[float]:
+    """Rates for one contender's ramp: all of them over one connection; over several, from the
+    highest rate one connection sustained (confirmed again) upward."""
+    if connections == cfg.connections[0]:
+        return cfg.rates
+    return [r for r in cfg.rates if r >= single.get(name, 0.0)]
+
+
 def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
     # Below the kernel's ephemeral ports (32768+) and apart from the e2e tests' windows (21000-29039):
-    # 4 ports per concurrent call, so 10000 hold 2500 calls.
+    # rtpengine takes 2 ports per call from each local address's pool, so 10000 hold 5000 calls.
     smoke_base = 29100 + (os.getpid() % 4) * 200
     media_ports = (10000, 19999) if not cfg.smoke else (smoke_base, smoke_base + 199)
     steps: list[CallStep] = []
-    stopped: set[str] = set()
-    for i, rate in enumerate(cfg.rates):
-        for name in order(i):
-            if name in stopped:
-                continue
-            with lab(name, work / f"calls-{name}-{rate:g}", media_ports, cfg.children) as lb:
-                warm_up(lb)
-                step = call_step(lb, rate, cfg.step_seconds, cfg.hold_ms, lb.root / "sipp-load")
-            steps.append(step)
-            log(
-                f"calls {name:6} {rate:6g}/s: {step.successful}/{step.created} ok, "
-                f"failed {step.failed_pct}%, "
-                f"Kamailio {step.kamailio_us_per_call or 0:.0f} us/call, rtpengine "
-                f"{step.rtpengine_us_per_call or 0:.0f} us/call, peer {step.peer_cpu_s:.1f} s, "
-                f"SIPp {step.sipp_cpu_s:.1f} s CPU, machine {step.machine_busy_pct}% busy"
+    max_cps: dict[int, dict[str, float]] = {}
+    for connections in cfg.connections:
+        stopped: set[str] = set()
+        single = max_cps.get(cfg.connections[0], {})
+        for i, rate in enumerate(cfg.rates):
+            for name in order(i):
+                if name in stopped or rate not in ramp_rates(cfg, connections, single, name):
+                    continue
+                root = work / f"calls-{name}-{connections}c-{rate:g}"
+                with lab(name, root, media_ports, cfg.children) as lb:
+                    warm_up(lb)
+                    step = call_step(
+                        lb,
+                        rate,
+                        cfg.step_seconds,
+                        cfg.hold_ms,
+                        lb.root / "sipp-load",
+                        connections=connections,
+                    )
+                steps.append(step)
+                log(
+                    f"calls {name:6} {connections} conn {rate:6g}/s: {step.successful}/{step.created} ok, "
+                    f"failed {step.failed_pct}%, achieved {step.achieved_cps}/s, "
+                    f"Kamailio {step.kamailio_us_per_call or 0:.0f} us/call, rtpengine "
+                    f"{step.rtpengine_us_per_call or 0:.0f} us/call, peer {step.peer_cpu_s:.1f} s, "
+                    f"SIPp {step.sipp_cpu_s:.1f} s CPU, machine {step.machine_busy_pct}% busy"
+                )
+                if not step.sustained:
+                    stopped.add(name)
+            if stopped == set(CONTENDERS):
+                break
+        max_cps[connections] = {
+            n: max(
+                (s.rate for s in steps if s.contender == n and s.connections == connections and s.sustained),
+                default=0.0,
             )
-            if not step.sustained:
-                stopped.add(name)
-        if stopped == set(CONTENDERS):
-            break
-    max_cps = {
-        n: max((s.rate for s in steps if s.contender == n and s.sustained), default=0.0) for n in CONTENDERS
-    }
-    common = min(max_cps.values())
+            for n in CONTENDERS
+        }
+    one = max_cps[cfg.connections[0]]
+    common = min(one.values())
     latency_rate = min(cfg.latency_rate, common) if common else cfg.rates[0]
     latencies: dict[str, Latency] = {}
     for name in order(len(cfg.rates)):
@@ -649,11 +854,45 @@ def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
                 f"{run.kamailio_cpu_s / max(1, run.answered) * 1e6:.1f} us/OPTIONS, driver "
                 f"{run.driver_cpu_s:.1f} s CPU in {run.seconds:g} s, machine {run.machine_busy_pct}% busy"
             )
-    return summarise(cfg, steps, max_cps, latency_rate=latency_rate, latencies=latencies, options=options)
+    memory: dict[str, MemoryRun] = {}
+    for name in order(0):
+        with lab(name, work / f"memory-{name}", media_ports, cfg.children) as lb:
+            warm_up(lb)
+            memory[name] = memory_run(
+                lb,
+                cfg.memory_calls,
+                cfg.memory_rate,
+                lb.root / "sipp",
+                hold_s=cfg.memory_hold_s,
+                settle_s=cfg.memory_settle_s,
+            )
+        log(f"memory {name}: {asdict(memory[name])}")
+    with lab("kemi", work / "profile", media_ports, cfg.children) as lb:
+        warm_up(lb)
+        profile = profile_run(lb, latency_rate, cfg.profile_seconds, lb.root / "profile")
+    log(
+        f"profile kemi at {latency_rate:g}/s: {profile['samples']} samples, Python "
+        f"{profile['python_own_pct']}%, KSR calls {profile['in_ksr_calls_pct']}%, Kamailio outside "
+        f"Python {profile['kamailio_outside_python_pct']}%"
+    )
+    media = media_bench.run_media_bench(cfg.media_counts, cfg.media_seconds, media_ports, work / "media", log)
+    return summarise(
+        cfg,
+        steps,
+        max_cps,
+        latency_rate=latency_rate,
+        latencies=latencies,
+        options=options,
+        memory=memory,
+        profile=profile,
+        media=media,
+    )
 
 
-def _at_rate(steps: list[CallStep], name: str, rate: float) -> CallStep | None:
-    return next((s for s in steps if s.contender == name and s.rate == rate), None)
+def _at_rate(steps: list[CallStep], name: str, rate: float, connections: int) -> CallStep | None:
+    return next(
+        (s for s in steps if s.contender == name and s.rate == rate and s.connections == connections), None
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -663,15 +902,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def summarise(
     cfg: Config,
     steps: list[CallStep],
-    max_cps: dict[str, float],
+    max_cps: dict[int, dict[str, float]],
     *,
     latency_rate: float,
     latencies: dict[str, Latency],
     options: list[OptionsRun],
+    memory: dict[str, MemoryRun],
+    profile: dict[str, Any],
+    media: dict[str, Any],
 ) -> dict[str, Any]:
-    common = min(max_cps.values())
+    single, several = cfg.connections[0], cfg.connections[-1]
+    one = max_cps[single]
+    common = min(one.values())
     cpu_rate = common or cfg.rates[0]
-    at = {n: _at_rate(steps, n, cpu_rate) for n in CONTENDERS}
+    at = {n: _at_rate(steps, n, cpu_rate, single) for n in CONTENDERS}
     lat = {n: latencies[n].summary() for n in latencies}
     opt_best = {
         n: max((o.answered_per_s for o in options if o.contender == n), default=0.0) for n in CONTENDERS
@@ -699,18 +943,18 @@ def summarise(
         value = lat.get(n, {}).get("sbc_added_ms", {}).get("p99")
         return float(value) if value is not None else None
 
-    limits = limits_notes(steps, options, max_cps, cfg)
-    peak = [s for s in steps if s.concurrent_calls]
-    mem_k = [s.kamailio_shm_per_call_bytes for s in peak if s.kamailio_shm_per_call_bytes is not None]
-    mem_r = [s.rtpengine_rss_per_call_bytes for s in peak if s.rtpengine_rss_per_call_bytes is not None]
+    limits = limits_notes(steps, options, one, cfg) + [f"media: {n}" for n in media.get("limits", [])]
     return {
         "benchmark": "kemi-vs-native",
         "smoke": cfg.smoke,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "parameters": asdict(cfg),
-        "kemi_max_cps": max_cps["kemi"],
-        "native_max_cps": max_cps["native"],
+        "kemi_max_cps": one["kemi"],
+        "native_max_cps": one["native"],
+        "cucm_connections": several,
+        "kemi_max_cps_several_connections": max_cps[several]["kemi"],
+        "native_max_cps_several_connections": max_cps[several]["native"],
         "cpu_rate_cps": cpu_rate,
         "kemi_cpu_us_per_call": us("kemi"),
         "native_cpu_us_per_call": us("native"),
@@ -725,18 +969,27 @@ def summarise(
         "options_max_rps_native": opt_best["native"],
         "kemi_cpu_us_per_options": round(opt_cpu["kemi"], 2) if opt_cpu["kemi"] is not None else None,
         "native_cpu_us_per_options": round(opt_cpu["native"], 2) if opt_cpu["native"] is not None else None,
-        "media_max_calls": None,
-        "media_loss_pct": None,
-        "kamailio_shm_bytes_per_call": round(statistics.median(mem_k)) if mem_k else None,
-        "rtpengine_rss_bytes_per_call": round(statistics.median(mem_r)) if mem_r else None,
+        "media_max_calls": media.get("media_max_calls"),
+        "media_loss_pct": media.get("media_loss_pct"),
+        "media_rtpengine_cpu_pct_of_core": media.get("media_rtpengine_cpu_pct_of_core"),
+        "media_limited_by": media.get("media_limited_by"),
+        "rtpengine_rss_bytes_per_media_call": media.get("media_rss_bytes_per_call"),
+        "kamailio_shm_bytes_per_call": {n: m.kamailio_shm_per_call_bytes for n, m in memory.items()},
+        "rtpengine_rss_bytes_per_call": {n: m.rtpengine_rss_per_call_bytes for n, m in memory.items()},
         "ratios": {
             "cpu_per_call_kemi_over_native": _ratio(us("kemi"), us("native")),
             "cpu_per_options_kemi_over_native": _ratio(opt_cpu["kemi"], opt_cpu["native"]),
-            "max_cps_kemi_over_native": _ratio(max_cps["kemi"], max_cps["native"]),
+            "max_cps_kemi_over_native": _ratio(one["kemi"], one["native"]),
+            "max_cps_several_connections_kemi_over_native": _ratio(
+                max_cps[several]["kemi"], max_cps[several]["native"]
+            ),
             "options_rps_kemi_over_native": _ratio(opt_best["kemi"], opt_best["native"]),
             "p99_kemi_over_native": _ratio(p99("kemi"), p99("native")),
         },
         "limits": limits,
+        "profile": profile,
+        "memory": {n: asdict(m) for n, m in memory.items()},
+        "media": media,
         "steps": [s.to_json() for s in steps],
         "latency": lat,
         "latency_samples_ms": {n: sorted(latencies[n].sbc_added_ms) for n in latencies},
@@ -747,10 +1000,7 @@ def summarise(
 def limits_notes(
     steps: list[CallStep], options: list[OptionsRun], max_cps: dict[str, float], cfg: Config
 ) -> list[str]:
-    notes = [
-        "media_max_calls, media_loss_pct: not measured yet (RTP<->SRTP relay capacity of rtpengine in user "
-        "space is a separate run, not in this harness)",
-    ]
+    notes: list[str] = []
     top = max(cfg.rates)
     for n, cps in max_cps.items():
         if cps >= top:
@@ -768,7 +1018,13 @@ def limits_notes(
         if s.machine_busy_pct >= 90:
             hints.append(f"the machine was {s.machine_busy_pct}% busy (every core)")
         where = "; ".join(hints) or "no load-generator or peer saturation seen"
-        notes.append(f"{s.contender} failed at {s.rate:g}/s ({s.failed_pct}% failed): {where}")
+        if s.failed_pct < MAX_FAILED_PCT:
+            what = f"created calls at {s.achieved_cps:g}/s only (a backlog: it could not keep up)"
+        else:
+            what = f"{s.failed_pct}% failed"
+        notes.append(
+            f"{s.contender} over {s.connections} connection(s) stopped at {s.rate:g}/s ({what}): {where}"
+        )
     for o in options:
         if o.driver_cpu_s >= 0.85 * o.seconds:
             notes.append(
@@ -844,8 +1100,13 @@ def report(result: dict[str, Any], images: list[str]) -> str:
         "",
         "| figure | kemi (Python KEMI) | native kamailio.cfg | kemi / native |",
         "| --- | --- | --- | --- |",
-        f"| highest calls/s sustained (<{MAX_FAILED_PCT}% failed) | {_fmt(result['kemi_max_cps'])} | "
-        f"{_fmt(result['native_max_cps'])} | {_fmt(r['max_cps_kemi_over_native'])} |",
+        f"| highest calls/s sustained, one CUCM connection (<{MAX_FAILED_PCT}% failed) | "
+        f"{_fmt(result['kemi_max_cps'])} | {_fmt(result['native_max_cps'])} | "
+        f"{_fmt(r['max_cps_kemi_over_native'])} |",
+        f"| same, {result['cucm_connections']} CUCM connections | "
+        f"{_fmt(result['kemi_max_cps_several_connections'])} | "
+        f"{_fmt(result['native_max_cps_several_connections'])} | "
+        f"{_fmt(r['max_cps_several_connections_kemi_over_native'])} |",
         f"| Kamailio CPU per call at {_fmt(result['cpu_rate_cps'])}/s (us) | "
         f"{_fmt(result['kemi_cpu_us_per_call'])} | {_fmt(result['native_cpu_us_per_call'])} | "
         f"{_fmt(r['cpu_per_call_kemi_over_native'])} |",
@@ -860,20 +1121,62 @@ def report(result: dict[str, Any], images: list[str]) -> str:
         f"{_fmt(result['options_max_rps_native'])} | {_fmt(r['options_rps_kemi_over_native'])} |",
         f"| Kamailio CPU per OPTIONS (us) | {_fmt(result['kemi_cpu_us_per_options'])} | "
         f"{_fmt(result['native_cpu_us_per_options'])} | {_fmt(r['cpu_per_options_kemi_over_native'])} |",
+        f"| Kamailio shared memory per call in progress (bytes) | "
+        f"{_fmt(result['kamailio_shm_bytes_per_call'].get('kemi'))} | "
+        f"{_fmt(result['kamailio_shm_bytes_per_call'].get('native'))} | |",
+        f"| rtpengine RSS per call in progress, signalled by the contender (bytes) | "
+        f"{_fmt(result['rtpengine_rss_bytes_per_call'].get('kemi'))} | "
+        f"{_fmt(result['rtpengine_rss_bytes_per_call'].get('native'))} | |",
         "",
-        f"Memory per concurrent call (both contenders, median of the steps): Kamailio shared memory "
-        f"{_fmt(result['kamailio_shm_bytes_per_call'])} bytes, rtpengine RSS "
-        f"{_fmt(result['rtpengine_rss_bytes_per_call'])} bytes.",
+        "## Media: rtpengine relaying RTP <-> SRTP in user space",
+        "",
+        f"Highest count of simultaneous PCMU calls (20 ms, both ways) relayed with under "
+        f"{media_bench.MAX_LOSS_PCT}% loss: **{_fmt(result['media_max_calls'])}** (loss "
+        f"{_fmt(result['media_loss_pct'])}%, rtpengine {_fmt(result['media_rtpengine_cpu_pct_of_core'])}% of "
+        f"one core, {_fmt(result['rtpengine_rss_bytes_per_media_call'])} bytes RSS per call; limited by: "
+        f"{result['media_limited_by']}). `benchmarks/media.py` says how (its docstring).",
+        "",
+        "| calls | loss RTP->SRTP % | loss SRTP->RTP % | rtpengine % of a core | generator % of a core | "
+        "machine busy % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for m_step in result["media"].get("steps", []):
+        lines.append(
+            f"| {m_step.get('calls')} | {_fmt(m_step.get('loss_rtp_to_srtp_pct'))} | "
+            f"{_fmt(m_step.get('loss_srtp_to_rtp_pct'))} | {_fmt(m_step.get('rtpengine_cpu_pct_of_core'))} | "
+            f"{_fmt(m_step.get('generator_cpu_pct_of_core'))} | {_fmt(m_step.get('machine_busy_pct'))} |"
+        )
+    prof = result["profile"]
+    lines += [
+        "",
+        f"## Where the KEMI path spends its time (py-spy in the busiest Kamailio process, "
+        f"{_fmt(result['latency_rate_cps'])} calls/s)",
+        "",
+        f"{prof['samples']} samples: Python of ours and its libraries {_fmt(prof['python_own_pct'])}%, "
+        f"inside KSR calls (Kamailio's C: tm, rtpengine, ...) {_fmt(prof['in_ksr_calls_pct'])}%, "
+        f"Kamailio outside the Python handler (reading, parsing, sending) "
+        f"{_fmt(prof['kamailio_outside_python_pct'])}%.",
+        "",
+        "| Python line (own samples) | % | | KSR call made from | % |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    py_top, ksr_top = prof["top_python_lines"], prof["top_ksr_callers"]
+    for i in range(max(len(py_top), len(ksr_top))):
+        a = py_top[i] if i < len(py_top) else {"where": "", "pct": ""}
+        b = ksr_top[i] if i < len(ksr_top) else {"where": "", "pct": ""}
+        lines.append(f"| `{a['where']}` | {a['pct']} | | `{b['where']}` | {b['pct']} |")
+    lines += [
         "",
         "## Steps",
         "",
-        "| contender | rate/s | created | failed % | Kamailio us/call | rtpengine us/call | peer CPU s | "
-        "SIPp CPU s | machine busy % |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| contender | CUCM connections | rate/s | created | achieved/s | failed % | Kamailio us/call | "
+        "rtpengine us/call | peer CPU s | SIPp CPU s | machine busy % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["steps"]:
         lines.append(
-            f"| {s['contender']} | {s['rate']:g} | {s['created']} | {s['failed_pct']} | "
+            f"| {s['contender']} | {s['connections']} | {s['rate']:g} | {s['created']} | "
+            f"{s['achieved_cps']} | {s['failed_pct']} | "
             f"{_fmt(round(s['kamailio_cpu_us_per_call'], 1) if s['kamailio_cpu_us_per_call'] else None)} | "
             f"{_fmt(round(s['rtpengine_cpu_us_per_call'], 1) if s['rtpengine_cpu_us_per_call'] else None)} | "
             f"{s['peer_cpu_s']} | {s['sipp_cpu_s']} | {s['machine_busy_pct']} |"
@@ -894,26 +1197,75 @@ def report(result: dict[str, Any], images: list[str]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few seconds per contender (make test)")
-    p.add_argument("--rates", default="", help="comma-separated call rates (default 50,100,200,400,800,1200)")
+    p.add_argument("--rates", default="", help=f"comma-separated call rates (default {_csv(FULL_RATES)})")
+    p.add_argument("--connections", default="", help="CUCM TCP connections per ramp (default 1,4)")
     p.add_argument("--step-seconds", type=float, default=None, help="seconds per rate step (default 20)")
     p.add_argument("--hold-ms", type=int, default=100, help="time between ACK and BYE (default 100)")
     p.add_argument(
         "--latency-rate", type=float, default=200.0, help="calls/s of the latency run (default 200)"
     )
+    p.add_argument("--media-counts", default="", help=f"media calls per step (default {_csv(FULL_MEDIA)})")
     p.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where results go (default {RESULTS})")
     p.add_argument("--no-plots", action="store_true", help="no matplotlib PNGs")
     p.add_argument("--keep", action="store_true", help="keep the work directory (captures, logs)")
     return p.parse_args(argv)
 
 
+FULL_RATES = (50, 100, 200, 300, 400, 500, 600, 800, 1000)
+FULL_MEDIA = (100, 200, 400, 600, 800, 1000, 1200, 1600, 2000)
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
 def config(args: argparse.Namespace) -> Config:
+    connections = [int(c) for c in _numbers(args.connections)]
+    media = [int(c) for c in _numbers(args.media_counts)]
     if args.smoke:
-        rates = [float(r) for r in args.rates.split(",")] if args.rates else [5.0, 10.0]
-        return Config(rates, args.step_seconds or 2.0, args.hold_ms, min(args.latency_rate, 5.0), 2.0,
-                      1.0, 20, 1, 2, True)  # fmt: skip
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [50, 100, 200, 400, 800, 1200]
+        return Config(
+            rates=_numbers(args.rates) or [5.0, 10.0],
+            step_seconds=args.step_seconds or 2.0,
+            hold_ms=args.hold_ms,
+            latency_rate=min(args.latency_rate, 5.0),
+            latency_seconds=2.0,
+            options_seconds=1.0,
+            options_window=20,
+            options_rounds=1,
+            children=2,
+            smoke=True,
+            connections=connections or [1, 2],
+            memory_calls=10,
+            memory_rate=10.0,
+            memory_hold_s=3.0,
+            memory_settle_s=1.0,  # not the 5 s wait timer: figures of a smoke run mean nothing
+            profile_seconds=2.0,
+            media_counts=media or [5, 10],
+            media_seconds=1.0,
+        )
     return Config(
-        rates, args.step_seconds or 20.0, args.hold_ms, args.latency_rate, 15.0, 10.0, 64, 2, 2, False
+        rates=_numbers(args.rates) or [float(r) for r in FULL_RATES],
+        step_seconds=args.step_seconds or 20.0,
+        hold_ms=args.hold_ms,
+        latency_rate=args.latency_rate,
+        latency_seconds=15.0,
+        options_seconds=10.0,
+        options_window=64,
+        options_rounds=2,
+        children=2,
+        smoke=False,
+        connections=connections or [1, 4],
+        memory_calls=1000,
+        memory_rate=100.0,
+        memory_hold_s=25.0,
+        memory_settle_s=6.5,  # tm's wait timer (5 s) after the last INVITE's final reply, and margin
+        profile_seconds=10.0,
+        media_counts=media or list(FULL_MEDIA),
+        media_seconds=10.0,
     )
 
 
