@@ -47,6 +47,8 @@ def test_command_lines_carry_the_policy_addresses(tmp_path: Path) -> None:
         "CUCM_ADDR=127.0.0.1",
     ]
     assert "SBC_FQDN=sbc-o365.example.com" in kam and "WITH_CUCM_TCP" in kam and "WITH_CUCM_UDP" in kam
+    # Memory from the policy (defaults here): shared pool, then each process's private one.
+    assert kam[kam.index("-m") + 1] == "256" and kam[kam.index("-M") + 1] == "16"
     rtp = rtpengine_command(policy, run)
     assert "--interface=internal/127.0.0.1" in rtp
     assert "--interface=external/127.0.0.2!198.51.100.10" in rtp

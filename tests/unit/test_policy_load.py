@@ -130,6 +130,16 @@ BAD_CASES: list[tuple[str, Edits, str]] = [
         "{path}:43: kamailio.children: expected an integer, got True",
     ),
     (
+        "kamailio-shared-memory-too-small",
+        [("rtpengine_timeout_ms: 500", "rtpengine_timeout_ms: 500\n  shared_memory_mb: 32")],
+        "{path}:46: kamailio.shared_memory_mb: must be between 64 and 65536, got 32",
+    ),
+    (
+        "kamailio-private-memory-not-a-number",
+        [("rtpengine_timeout_ms: 500", "rtpengine_timeout_ms: 500\n  private_memory_mb: lots")],
+        "{path}:46: kamailio.private_memory_mb: expected an integer, got 'lots'",
+    ),
+    (
         "list-where-mapping",
         [("  control: {address: 127.0.0.1, port: 22230}", "  control: [127.0.0.1, 22230]")],
         "{path}:22: rtpengine.control: expected a mapping, got a list",
@@ -467,6 +477,8 @@ def test_optional_keys_take_defaults(tmp_path: Path) -> None:
         2,
         500,
     )
+    # Kamailio's own 64 MB ran out near 400 calls/s (transactions live 5 s after the call's replies).
+    assert (policy.kamailio.shared_memory_mb, policy.kamailio.private_memory_mb) == (256, 16)
 
 
 def test_values_are_normalised(tmp_path: Path) -> None:
