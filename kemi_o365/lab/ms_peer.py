@@ -251,6 +251,9 @@ class MicrosoftPeer:
         self.tls_failures: list[TlsFailure] = []
         self.violations: list[Violation] = []  # the rule each refused request was answered with
         self.calls: dict[str, Call] = {}
+        # Calls whose final answer waits for its delay: the pump looks only at these, not at every
+        # call the peer has seen (that list only grows, and a load run holds thousands).
+        self._delayed: dict[str, Call] = {}
         self._ctx = _server_context(Path(cert), Path(key), Path(ca), require_client_cert, ciphers)
         self._client_ctx = _client_context(Path(cert), Path(key), Path(ca), ciphers)
         if keylog_file is not None:
@@ -778,6 +781,8 @@ class MicrosoftPeer:
             if not teams_mode:
                 self._send(link, self._response(link, msg, 180, "Ringing", tag=call.local_tag))
             call.answer_at = time.monotonic() + self.answer_delay
+            with self._cond:
+                self._delayed[call.call_id] = call
         else:
             self._answer(link, call)
 
@@ -811,11 +816,15 @@ class MicrosoftPeer:
     def _answer_due(self, link: _Link) -> None:
         now = time.monotonic()
         with self._cond:
+            if not self._delayed:
+                return
             due = [
                 c
-                for c in self.calls.values()
+                for c in self._delayed.values()
                 if c.link is link and c.answer_at is not None and c.answer_at <= now
             ]
+            for c in due:
+                del self._delayed[c.call_id]
         for call in due:
             call.answer_at = None
             if call.state == "proceeding":
@@ -872,6 +881,8 @@ class MicrosoftPeer:
         self._send(link, self._response(link, msg, 200, "OK", tag=call.local_tag))
         if call.state == "proceeding":
             call.answer_at = None
+            with self._cond:
+                self._delayed.pop(call.call_id, None)
             call.state = "cancelled"
             call.close_media()  # opened for a 183's early media
             self._emit(
