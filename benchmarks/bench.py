@@ -153,6 +153,24 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def handler_seconds_by_process(metrics_dir: Path) -> dict[str, float]:
+    """kemi-o365's own handler histogram (kemi_o365_handler_seconds: wall time inside each KEMI
+    callback, rtpengine round trips included), summed per Kamailio process from its
+    prometheus_client file; empty for the native contender, which has none."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    out: dict[str, float] = {}
+    for path in metrics_dir.glob("histogram_*.db"):
+        total = 0.0
+        with contextlib.suppress(OSError, ValueError):
+            values = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+            for key, value, _ts, _pos in values:
+                if json.loads(key)[1] == "kemi_o365_handler_seconds_sum":
+                    total += value
+        out[path.stem.removeprefix("histogram_")] = total
+    return out
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -337,6 +355,9 @@ class CallStep:
     elapsed_s: float
     kamailio_busiest_pct: float
     """CPU of the busiest Kamailio process (% of one core): how close the SBC itself was to its limit."""
+    handler_busiest_pct: float | None
+    """kemi only: the share of wall-clock time the busiest Kamailio process spent inside the Python
+    handler, waits for rtpengine included (a process near 100% takes no more calls)."""
     concurrent_calls: int
     kamailio_shm_per_call_bytes: float | None
     rtpengine_rss_per_call_bytes: float | None
@@ -365,6 +386,8 @@ def call_step(
     idle_shm, idle_rss = lb.shm_used(), rss_bytes(lb.rtpengine_pid)
     k0, r0, p0 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
     each0 = {pid: cpu_seconds([pid]) for pid in k_pids}
+    metrics_dir = lb.stack.run.metrics_dir
+    inside0 = handler_seconds_by_process(metrics_dir)
     b0, t0 = machine_busy()
     sample: dict[str, int] = {}
 
@@ -383,6 +406,8 @@ def call_step(
     sampler.join(5)
     k1, r1, p1 = cpu_seconds(k_pids), cpu_seconds([lb.rtpengine_pid]), cpu_seconds([os.getpid()])
     busiest = max((cpu_seconds([pid]) - each0[pid] for pid in k_pids), default=0.0)
+    inside1 = handler_seconds_by_process(metrics_dir)
+    inside = max((v - inside0.get(pid, 0.0) for pid, v in inside1.items()), default=None)
     b1, t1 = machine_busy()
     asked = max(1, round(rate * seconds))
     done = run.successful + run.failed
@@ -414,6 +439,7 @@ def call_step(
         machine_busy_pct=round(100.0 * (b1 - b0) / max(1.0, t1 - t0), 1),
         elapsed_s=round(run.elapsed_s, 2),
         kamailio_busiest_pct=round(100.0 * busiest / max(seconds, run.elapsed_s), 1),
+        handler_busiest_pct=round(100.0 * inside / max(seconds, run.elapsed_s), 1) if inside else None,
         concurrent_calls=calls_mid,
         kamailio_shm_per_call_bytes=per_call_shm,
         rtpengine_rss_per_call_bytes=per_call_rss,
@@ -827,7 +853,8 @@ def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
                     f"Kamailio {step.kamailio_us_per_call or 0:.0f} us/call, rtpengine "
                     f"{step.rtpengine_us_per_call or 0:.0f} us/call, peer {step.peer_cpu_s:.1f} s, "
                     f"SIPp {step.sipp_cpu_s:.1f} s CPU, machine {step.machine_busy_pct}% busy, busiest "
-                    f"Kamailio process {step.kamailio_busiest_pct}% of a core"
+                    f"Kamailio process {step.kamailio_busiest_pct}% of a core, in the handler "
+                    f"{step.handler_busiest_pct}% of the time"
                 )
                 if not step.sustained:
                     stopped.add(name)
@@ -1005,6 +1032,30 @@ def summarise(
     }
 
 
+def _step_hints(s: CallStep) -> list[str]:
+    """What was busy in a step that was not sustained: the load generator's parts, the machine, the
+    SBC's busiest process."""
+    hints = []
+    span = max(s.seconds, s.elapsed_s)
+    if s.peer_cpu_s >= 0.75 * span:
+        hints.append(
+            f"the Python Microsoft peer (the load generator's TLS side: one process, one core at most "
+            f"under the GIL) used {100 * s.peer_cpu_s / span:.0f}% of a core"
+        )
+    if s.sipp_cpu_s >= 0.85 * span:
+        hints.append(f"SIPp used {100 * s.sipp_cpu_s / span:.0f}% of a core")
+    if s.machine_busy_pct >= 90:
+        hints.append(f"the machine was {s.machine_busy_pct}% busy (every core)")
+    hints.append(f"the busiest Kamailio process used {s.kamailio_busiest_pct}% of a core")
+    if s.handler_busiest_pct is not None:
+        hints.append(
+            f"one Kamailio process was inside the Python handler {s.handler_busiest_pct}% of the time "
+            "(its CPU plus blocking waits for rtpengine: what it can take is bounded by this, not by "
+            "its CPU alone)"
+        )
+    return hints
+
+
 def limits_notes(
     steps: list[CallStep], options: list[OptionsRun], max_cps: dict[str, float], cfg: Config
 ) -> list[str]:
@@ -1016,19 +1067,7 @@ def limits_notes(
     for s in steps:
         if s.sustained:
             continue
-        hints = []
-        span = max(s.seconds, s.elapsed_s)
-        if s.peer_cpu_s >= 0.75 * span:
-            hints.append(
-                f"the Python Microsoft peer (the load generator's TLS side: one process, one core at most "
-                f"under the GIL) used {100 * s.peer_cpu_s / span:.0f}% of a core"
-            )
-        if s.sipp_cpu_s >= 0.85 * span:
-            hints.append(f"SIPp used {100 * s.sipp_cpu_s / span:.0f}% of a core")
-        if s.machine_busy_pct >= 90:
-            hints.append(f"the machine was {s.machine_busy_pct}% busy (every core)")
-        hints.append(f"the busiest Kamailio process used {s.kamailio_busiest_pct}% of a core")
-        where = "; ".join(hints) or "no load-generator or peer saturation seen"
+        where = "; ".join(_step_hints(s))
         if s.failed_pct < MAX_FAILED_PCT:
             what = f"created calls at {s.achieved_cps:g}/s only (a backlog: it could not keep up)"
         else:

@@ -58,7 +58,14 @@ def test_kept_socket_skips_an_answer_with_another_cookie(
     late = b"0123456789ab " + json.dumps({"result": "ok", "stale": True}).encode()
     thread = serve(sock, received, lambda cookie, body: [late, cookie + b' {"result": "ok"}'])
     host, port = sock.getsockname()
-    got = rtpengine_ng.command_json(host, port, {"command": "delete", "call-id": "c1"}, keep_socket=True)
+    try:
+        got = rtpengine_ng.command_json(host, port, {"command": "delete", "call-id": "c1"}, keep_socket=True)
+    finally:
+        # The kept socket lives as long as the process (a Kamailio worker); not a test run's.
+        kept = rtpengine_ng._Kept.sock
+        if kept is not None:
+            kept.close()
+        rtpengine_ng._Kept.sock = None
     thread.join(2)
     assert got == {"result": "ok"}
 
