@@ -160,7 +160,7 @@ def plain_ping() -> tuple[str, str] | None:
 
 def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
     """The request's facts; `source_ip` and `side` are what the handler read first (`source`)."""
-    _Ended.reply = None
+    _Ended.pending = None
     to_tag = KSR.siputils.has_totag() > 0
     if to_tag and side is Side.MICROSOFT:
         # Microsoft's in-dialog requests target the SBC's Contact, with CUCM's URI masked in it.
@@ -274,21 +274,29 @@ def _stash(stash: str, mask_replies: bool = False) -> None:
 
 
 class _Ended:
-    """rtpengine's reply to the delete the current message made (a BYE's), for its call record."""
+    """The delete the current message sent rtpengine (a BYE's), whose reply the call record reads."""
 
-    reply: dict[str, Any] | None = None
+    pending: rtpengine_ng.Pending | None = None
+    call_id = ""
 
 
 def final_media_stats() -> dict[str, Any] | None:
-    """What rtpengine last counted for the session this message deleted; None when it deleted none
-    or rtpengine did not answer. Read once: the next message starts without it."""
-    reply, _Ended.reply = _Ended.reply, None
-    return reply
+    """What rtpengine counted for the session this message deleted; None when it deleted none or
+    rtpengine did not answer. Read once, after the relay: rtpengine worked on the delete meanwhile."""
+    pending, _Ended.pending = _Ended.pending, None
+    if pending is None:
+        return None
+    try:
+        return pending.reply()
+    except (rtpengine_ng.NgError, OSError) as exc:
+        KSR.warn(f"kemi-o365: rtpengine delete for Call-ID {_Ended.call_id}: {exc}\n")
+        return None
 
 
 def _delete_reporting(media: Media, ctl: NgControl) -> None:
     # Straight to rtpengine's ng socket rather than through the rtpengine module, whose delete
-    # drops the statistics rtpengine sends back (they would cost a query beforehand).
+    # drops the statistics rtpengine sends back (they would cost a query beforehand). Sent now,
+    # answered while the BYE is relayed: the worker does not sit idle for the round trip.
     call_id = _flag_value(media.flags, "call-id")
     # With the tags (as the rtpengine module sends them): rtpengine answers with statistics only when
     # it deletes a dialogue by its tags, not for a bare Call-ID.
@@ -298,12 +306,11 @@ def _delete_reporting(media: Media, ctl: NgControl) -> None:
         "from-tag": KSR.pv.gete("$ft"),
         "to-tag": KSR.pv.gete("$tt"),
     }
+    _Ended.call_id = call_id
     try:
-        _Ended.reply = rtpengine_ng.command_json(
-            ctl.address, ctl.port, message, timeout=ctl.timeout_s, keep_socket=True
-        )
-    except (rtpengine_ng.NgError, OSError) as exc:
-        _Ended.reply = None
+        _Ended.pending = rtpengine_ng.send_json(ctl.address, ctl.port, message, timeout=ctl.timeout_s)
+    except OSError as exc:
+        _Ended.pending = None
         KSR.warn(f"kemi-o365: rtpengine delete for Call-ID {call_id}: {exc}\n")
 
 

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 Bencodable: TypeAlias = "int | bytes | str | list[Bencodable] | dict[str, Bencodable]"
@@ -84,8 +85,38 @@ def command_json(
     C parser, several times faster than bencode in Python for a delete's statistics. `keep_socket`:
     reuse this process's socket next time (Kamailio workers send one per call ending)."""
     payload = json.dumps(message).encode()
+    return _json_reply(_exchange(host, port, message, payload, timeout, keep_socket=keep_socket))
+
+
+@dataclass
+class Pending:
+    """A JSON command sent on this process's kept socket; its answer is read with `reply()`, so the
+    caller can do other work while rtpengine handles it."""
+
+    host: str
+    port: int
+    command: str
+    cookie: bytes
+    deadline: float
+
+    def reply(self) -> dict[str, Any]:
+        sock = _kept_socket()
+        return _json_reply(
+            _receive(sock, self.cookie, self.deadline, f"{self.host}:{self.port}", self.command)
+        )
+
+
+def send_json(host: str, port: int, message: dict[str, str | int], timeout: float = 1.0) -> Pending:
+    """Send a JSON command on the kept socket without waiting; `Pending.reply()` waits until `timeout`
+    after the send at most."""
+    cookie = os.urandom(6).hex().encode()
+    _kept_socket().sendto(cookie + b" " + json.dumps(message).encode(), (host, port))
+    return Pending(host, port, str(message.get("command")), cookie, time.monotonic() + timeout)
+
+
+def _json_reply(body: bytes) -> dict[str, Any]:
     try:
-        reply = json.loads(_exchange(host, port, message, payload, timeout, keep_socket=keep_socket))
+        reply = json.loads(body)
     except ValueError as exc:
         raise NgError(f"rtpengine's reply is not JSON: {exc}") from exc
     if not isinstance(reply, dict):
@@ -101,24 +132,26 @@ def _exchange(
     cookie = os.urandom(6).hex().encode()
     sock = _kept_socket() if keep_socket else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.settimeout(timeout)
         sock.sendto(cookie + b" " + payload, (host, port))
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                data, _ = sock.recvfrom(65535)
-            except TimeoutError as exc:
-                raise NgError(
-                    f"rtpengine at {host}:{port} did not answer {message.get('command')!r}"
-                ) from exc
-            got_cookie, _, body = data.partition(b" ")
-            if got_cookie == cookie:
-                return body
-            # A late answer to an earlier command that timed out on the kept socket.
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+        return _receive(
+            sock, cookie, time.monotonic() + timeout, f"{host}:{port}", str(message.get("command"))
+        )
     finally:
         if not keep_socket:
             sock.close()
+
+
+def _receive(sock: socket.socket, cookie: bytes, deadline: float, where: str, command: str) -> bytes:
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError as exc:
+            raise NgError(f"rtpengine at {where} did not answer {command!r}") from exc
+        got_cookie, _, body = data.partition(b" ")
+        if got_cookie == cookie:
+            return body
+        # Otherwise a late answer to an earlier command on the kept socket: skipped.
 
 
 class _Kept:

@@ -119,18 +119,29 @@ def ng_socket(monkeypatch: pytest.MonkeyPatch, ksr: KsrDouble, policy: Policy) -
     sent: list[dict[str, object]] = []
     rtp = policy.rtpengine
 
-    def command(
-        host: str, port: int, message: dict[str, object], timeout: float = 1.0, keep_socket: bool = False
-    ) -> object:
+    def send(host: str, port: int, message: dict[str, object], timeout: float = 1.0) -> Answer:
         assert (host, port) == (rtp.control_address, rtp.control_port)
         assert timeout == policy.kamailio.rtpengine_timeout_ms / 1000
         sent.append(message)
         ksr.calls.append((f"ng.{message['command']}", (message["call-id"],)))
         assert {"from-tag", "to-tag"} <= set(message)  # without them rtpengine sends no statistics
-        return DELETE_REPLY
+        return Answer(ksr, DELETE_REPLY)
 
-    monkeypatch.setattr(rtpengine_ng, "command_json", command)
+    monkeypatch.setattr(rtpengine_ng, "send_json", send)
     return sent
+
+
+class Answer:
+    """rtpengine's answer to a command sent without waiting; reading it is recorded as ng.reply."""
+
+    def __init__(self, ksr: KsrDouble, reply: dict[str, object] | Exception) -> None:
+        self._ksr, self._reply = ksr, reply
+
+    def reply(self) -> dict[str, object]:
+        self._ksr.calls.append(("ng.reply", ()))
+        if isinstance(self._reply, Exception):
+            raise self._reply
+        return self._reply
 
 
 def script_request(
@@ -695,8 +706,10 @@ def test_bye_record_carries_the_counts_rtpengine_gave_back_on_delete(
 
     assert handler.ksr_request_route(None) == 1
 
-    # One round trip: no query before the delete.
+    # One round trip, no query before the delete, and its answer read only once the BYE is relayed.
     assert [m["command"] for m in ng_socket] == ["delete"]
+    names = ksr.names()
+    assert names.index("ng.delete") < names.index("tm.t_relay") < names.index("ng.reply")
     (line,) = [args[0] for name, args in ksr.calls if name == "info" and "call-record" in args[0]]
     record = json.loads(line.split("call-record ", 1)[1])
     assert record["media"] == {
@@ -712,10 +725,10 @@ def test_bye_record_carries_the_counts_rtpengine_gave_back_on_delete(
 def test_bye_record_without_rtpengine_answer_has_no_media(
     ksr: KsrDouble, handler: kemi.Kamailio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def silent(*args: object, **kwargs: object) -> object:
-        raise rtpengine_ng.NgError("rtpengine at 127.0.0.1:1 did not answer 'delete'")
+    def silent(*args: object, **kwargs: object) -> Answer:
+        return Answer(ksr, rtpengine_ng.NgError("rtpengine at 127.0.0.1:1 did not answer 'delete'"))
 
-    monkeypatch.setattr(rtpengine_ng, "command_json", silent)
+    monkeypatch.setattr(rtpengine_ng, "send_json", silent)
     script_request(ksr, "BYE", in_dialog=True, ruri_host=MS_FQDN)
     state = calls.start_state(CALL_ID, "sip:10048@cucm", "sip:87000@ms", "to_microsoft", 1000.0)
     ksr.returns["htable.sht_gete"] = lambda table, key: state if table == ksr_adapter.CALLS_TABLE else ""

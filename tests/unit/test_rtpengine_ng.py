@@ -97,3 +97,22 @@ def test_bencode_command_round_trip(fake_rtpengine: tuple[socket.socket, list[by
     assert rtpengine_ng.ping(host, port)
     thread.join(2)
     assert rtpengine_ng.bdecode(received[0].partition(b" ")[2]) == {"command": b"ping"}
+
+
+def test_sent_command_is_answered_later(fake_rtpengine: tuple[socket.socket, list[bytes]]) -> None:
+    # A Kamailio worker sends the BYE's delete, relays the BYE, then reads rtpengine's answer.
+    sock, received = fake_rtpengine
+    thread = serve(sock, received, lambda cookie, _: [cookie + b' {"result": "ok", "totals": {}}'])
+    host, port = sock.getsockname()
+    try:
+        pending = rtpengine_ng.send_json(host, port, {"command": "delete", "call-id": "c1"}, timeout=1.0)
+        thread.join(2)  # rtpengine has answered before anyone reads
+        assert pending.reply() == {"result": "ok", "totals": {}}
+        silent = rtpengine_ng.send_json(host, port, {"command": "delete", "call-id": "c2"}, timeout=0.05)
+        with pytest.raises(rtpengine_ng.NgError, match="did not answer 'delete'"):
+            silent.reply()
+    finally:
+        kept = rtpengine_ng._Kept.sock
+        if kept is not None:
+            kept.close()
+        rtpengine_ng._Kept.sock = None
