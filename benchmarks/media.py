@@ -64,6 +64,8 @@ if str(REPO) not in sys.path:
     # Run as a script from a checkout: the package is the one next to this file.
     sys.path.insert(0, str(REPO))
 
+from host import cpu_seconds, machine, machine_busy, rss_bytes  # noqa: E402  (benchmarks/host.py)
+
 from kemi_o365 import rtpengine_ng  # noqa: E402
 from kemi_o365.lab.rtp import SrtpContext, SrtpError  # noqa: E402  (numpy: not imported mid-traffic)
 from kemi_o365.rtpengine_ng import Bencodable  # noqa: E402
@@ -85,7 +87,6 @@ DRAIN_S = 0.5
 SOCKET_BUFFER = 16 * 1024 * 1024
 SETUP_LIMIT_S = 60.0  # offer+answer take well under 1 ms each: far over this, rtpengine is stuck
 CHECKS_PER_DIRECTION = 20
-TICK = os.sysconf("SC_CLK_TCK")
 FULL_COUNTS = (50, 100, 200, 400, 800, 1200, 1600)
 FULL_PORTS = (10000, 19999)
 
@@ -253,28 +254,9 @@ def delete_call(ng: tuple[str, int], leg: CallLeg) -> tuple[int, int]:
 # --- the process and the machine ----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def machine_jiffies() -> tuple[float, float]:
-    """(busy, total) of all CPUs from /proc/stat."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return float(sum(parts) - parts[3] - parts[4]), float(sum(parts))
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def udp_drops() -> dict[tuple[str, int], int]:
@@ -535,8 +517,8 @@ class Snapshot:
 
     @classmethod
     def take(cls, pid: int) -> Snapshot:
-        busy, total = machine_jiffies()
-        return cls(time.monotonic(), cpu_seconds(pid), self_cpu(), busy, total, rss_bytes(pid), udp_drops())
+        busy, total = machine_busy()
+        return cls(time.monotonic(), cpu_seconds([pid]), self_cpu(), busy, total, rss_bytes(pid), udp_drops())
 
 
 @dataclass
@@ -791,25 +773,6 @@ def bottleneck(steps: list[Step], cores: int) -> tuple[str, str]:
         f"at {last.calls} calls rtpengine lost packets ({last.kernel_drops_rtpengine} dropped in its "
         f"sockets) while the generator kept up (late p99 {last.send_late_ms_p99} ms; {cpu})"
     )
-
-
-def machine() -> dict[str, Any]:
-    from kemi_o365.launch import RTPENGINE_BIN
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        done = subprocess.run(
-            [RTPENGINE_BIN, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-        version = (done.stdout or done.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired) as exc:
-        version = f"unknown ({exc})"
-    return {"cpu_model": cpu, "cores": os.cpu_count() or 1, "rtpengine": version}
 
 
 def summary(steps: list[Step], flags: Flags, idle_rss: int, limits: list[str]) -> dict[str, Any]:
