@@ -84,7 +84,7 @@ def cucm_ping(source_ip: str, raw_max_forwards: str, require: str, policy: Polic
     if raw_max_forwards and not (raw_max_forwards.isdigit() and int(raw_max_forwards) <= 255):
         return None  # malformed: answered 400 by the full path
     if require:
-        return Respond(420, "Bad Extension", (f"Unsupported: {require}",))
+        return None  # refused with 420 by the full path, which logs every refusal
     return Respond(200, "OK")
 
 
