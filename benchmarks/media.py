@@ -127,22 +127,11 @@ def ng_flags(flags: Iterable[str]) -> tuple[dict[str, Bencodable], list[str]]:
 
 
 def cucm_offer_sdp(session: int, port: int) -> str:
-    """The seed call's INVITE body (sipp-scenarios/seed-call/uac.xml) as the product edits it."""
+    """The seed call's INVITE body as the product edits it (its product name out of o=)."""
+    from kemi_o365.lab.seed_sdp import cucm_offer
     from kemi_o365.media import anonymous_origin
 
-    lines = [
-        "v=0",
-        f"o=CiscoSystemsCCM-SIP {session} 1 IN IP4 {CUCM_MEDIA_IP}",
-        "s=SIP Call",
-        f"c=IN IP4 {CUCM_MEDIA_IP}",
-        "t=0 0",
-        f"m=audio {port} RTP/AVP 0 101",
-        "a=rtpmap:0 PCMU/8000",
-        "a=rtpmap:101 telephone-event/8000",
-        "a=fmtp:101 0-15",
-        "a=ptime:20",
-    ]
-    return anonymous_origin("\r\n".join(lines) + "\r\n")
+    return anonymous_origin(cucm_offer(CUCM_MEDIA_IP, port, session))
 
 
 def microsoft_answer_sdp(port: int, inline_key: str) -> str:

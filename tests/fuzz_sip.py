@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kemi_o365.lab import seed_sdp
+
 CRLF = b"\r\n"
 
 
@@ -26,19 +28,7 @@ def _join(start: str, headers: list[tuple[str, str]], body: str) -> bytes:
 
 
 def cucm_offer_sdp(ip: str, port: int) -> str:
-    lines = [
-        "v=0",
-        f"o=CiscoSystemsCCM-SIP 94213 1 IN IP4 {ip}",
-        "s=SIP Call",
-        f"c=IN IP4 {ip}",
-        "t=0 0",
-        f"m=audio {port} RTP/AVP 0 101",
-        "a=rtpmap:0 PCMU/8000",
-        "a=rtpmap:101 telephone-event/8000",
-        "a=fmtp:101 0-15",
-        "a=ptime:20",
-    ]
-    return "\r\n".join(lines) + "\r\n"
+    return seed_sdp.cucm_offer(ip, port)
 
 
 def microsoft_sdp(ip: str, port: int) -> str:
