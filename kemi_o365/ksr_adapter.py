@@ -259,11 +259,11 @@ def _edit(edits: HeaderEdits) -> None:
     """Header lumps: applied to the message as it leaves (requests and relayed replies alike)."""
     for name in edits.remove:
         KSR.hdr.remove(name)  # absent is fine: nothing to remove
-    for line in edits.add:
-        _ok(KSR.hdr.append(line + "\r\n"), "hdr.append")
-    # hdr.insert puts each line first: insert in reverse to keep their order.
-    for line in reversed(edits.insert):
-        _ok(KSR.hdr.insert(line + "\r\n"), "hdr.insert")
+    # One lump each for all added and all inserted lines: every KSR call costs, the lump's length not.
+    if edits.add:
+        _ok(KSR.hdr.append("\r\n".join(edits.add) + "\r\n"), "hdr.append")
+    if edits.insert:
+        _ok(KSR.hdr.insert("\r\n".join(edits.insert) + "\r\n"), "hdr.insert")
 
 
 def _stash(stash: str, mask_replies: bool = False) -> None:

@@ -24,6 +24,7 @@ import hmac
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import ClassVar
 
 from kemi_o365.decision import HeaderEdits
 from kemi_o365.policy.model import Policy, TopologyHiding
@@ -127,26 +128,40 @@ def masker(policy: Policy) -> Masker:
     return _masker(policy.topology.key)
 
 
+# RFC 3261 §7.3.1: a line starting with whitespace continues the header before it (one space).
+_FOLD = re.compile(r"[ \t]*\r?\n[ \t]+")
+
+
 def parse_headers(block: str) -> tuple[Header, ...]:
     """The header section (start line excluded or not) as (name, value) pairs; folded lines joined."""
-    out: list[list[str]] = []
-    for raw in block.split("\n"):
-        line = raw.rstrip("\r")
-        if not line:
-            continue
-        if line[0] in " \t" and out:
-            out[-1][1] += " " + line.strip()
-            continue
+    if "\n " in block or "\n\t" in block:
+        block = _FOLD.sub(" ", block)
+    out: list[Header] = []
+    for line in block.split("\n"):
         name, sep, value = line.partition(":")
-        if not sep or " " in name.strip() or not name.strip():
-            continue  # the start line, or junk the SIP parser already tolerated
-        out.append([name.strip(), value.strip()])
-    return tuple((n, v) for n, v in out)
+        if sep:
+            name = name.rstrip()
+            # A start line ("INVITE sip:...") has a space before its first colon; so has junk the
+            # SIP parser tolerated.
+            if name and " " not in name and name[0] != "\t":
+                out.append((name, value.strip()))
+    return tuple(out)
 
 
 def values(headers: Iterable[Header], name: str) -> list[str]:
     want = canonical(name)
+    if type(headers) is tuple:
+        return list(_by_name(headers).get(want, ()))
     return [v for n, v in headers if canonical(n) == want]
+
+
+@lru_cache(maxsize=8)
+def _by_name(headers: tuple[Header, ...]) -> dict[str, tuple[str, ...]]:
+    """The values of each header name: one pass per message however many names are looked up."""
+    index: dict[str, list[str]] = {}
+    for n, v in headers:
+        index.setdefault(canonical(n), []).append(v)
+    return {n: tuple(vs) for n, vs in index.items()}
 
 
 # sip:/sips: URI host (and port) inside a header value; user part and parameters kept.
@@ -166,9 +181,16 @@ class _Rule(enum.Enum):
     REWRITE_HOST = "rewrite host"
 
 
-@lru_cache(maxsize=1024)
+class _Plan:
+    """What hiding does to the header names of a message, decided once per list of names (CUCM
+    sends the same few lists) and per policy's hiding rules (kept by identity: hashing the frozen
+    rules on every lookup cost more than the decision)."""
+
+    rules: ClassVar[TopologyHiding | None] = None
+    plans: ClassVar[dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+
+
 def _rule(th: TopologyHiding, low: str) -> _Rule:
-    """What hiding does to a header name (the names CUCM sends are few: decided once each)."""
     if th.drop.fullmatch(low):
         return _Rule.DROP
     if low in th.rewrite_host:
@@ -176,6 +198,32 @@ def _rule(th: TopologyHiding, low: str) -> _Rule:
     if low in ("user-agent", "server") and th.user_agent is not None:
         return _Rule.DROP
     return _Rule.KEEP
+
+
+def _plan(th: TopologyHiding, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names to remove, names whose values are re-added with the host rewritten), first spelling."""
+    if _Plan.rules is not th:
+        _Plan.rules, _Plan.plans = th, {}
+    plan = _Plan.plans.get(names)
+    if plan is None:
+        remove: list[str] = []
+        rewrite: list[str] = []
+        seen: set[str] = set()
+        for name in names:
+            low = canonical(name)
+            if low in seen:
+                continue
+            rule = _rule(th, low)
+            if rule is _Rule.KEEP:
+                continue
+            seen.add(low)
+            remove.append(name)
+            if rule is _Rule.REWRITE_HOST:
+                rewrite.append(name)
+        if len(_Plan.plans) > 256:
+            _Plan.plans.clear()
+        plan = _Plan.plans[names] = (tuple(remove), tuple(rewrite))
+    return plan
 
 
 def toward_microsoft(headers: Sequence[Header], policy: Policy, *, user_agent_header: str) -> HeaderEdits:
@@ -186,23 +234,11 @@ def toward_microsoft(headers: Sequence[Header], policy: Policy, *, user_agent_he
     """
     th = policy.topology
     fqdn = policy.sbc.fqdn
-    remove: list[str] = []
-    add: list[str] = []
-    seen: set[str] = set()
-    for name, _value in headers:
-        low = canonical(name)
-        if low in seen:
-            continue
-        rule = _rule(th, low)
-        if rule is _Rule.KEEP:
-            continue
-        seen.add(low)
-        remove.append(name)
-        if rule is _Rule.REWRITE_HOST:
-            add += [f"{name}: {rewrite_host(v, fqdn)}" for v in values(headers, name)]
+    remove, rewrite = _plan(th, tuple([n for n, _ in headers]))
+    add = [f"{name}: {rewrite_host(v, fqdn)}" for name in rewrite for v in values(headers, name)]
     if th.user_agent is not None:
         add.append(f"{user_agent_header}: {th.user_agent}")
-    return HeaderEdits(tuple(remove), tuple(add))
+    return HeaderEdits(remove, tuple(add))
 
 
 def contact_uri(value: str) -> str:

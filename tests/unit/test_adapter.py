@@ -327,12 +327,13 @@ def _hiding_calls() -> list[Call]:
         ("hdr.remove", ("Via",)),
         ("hdr.remove", ("Call-ID",)),
         ("hdr.remove", ("Contact",)),
-        ("hdr.append", (f'P-Asserted-Identity: "10048" <sip:10048@{SBC_FQDN}>\r\n',)),
-        ("hdr.append", ("User-Agent: kemi-o365\r\n",)),
-        ("hdr.append", (f"Call-ID: {masker.mask(CALL_ID)}\r\n",)),
+        # Every added header in one lump (one KSR call), in the order routing decided.
         (
             "hdr.append",
             (
+                f'P-Asserted-Identity: "10048" <sip:10048@{SBC_FQDN}>\r\n'
+                "User-Agent: kemi-o365\r\n"
+                f"Call-ID: {masker.mask(CALL_ID)}\r\n"
                 f"Contact: <sip:{SBC_FQDN}:5061;transport=tls;kemi="
                 f"{masker.mask('sip:10048@127.0.0.4:26012;transport=tcp')}>\r\n",
             ),
