@@ -40,13 +40,11 @@ class Kamailio:
     def ksr_request_route(self, msg: object) -> int:
         return self._guarded("request", self._request)
 
-    def ksr_reply_route(self, msg: object) -> int:
-        # Work is done in tm callbacks; here only replies no transaction knows are stopped: the core
-        # would forward them statelessly by their Via, past rtpengine and topology hiding. Every
-        # reply passes here before tm, so this stays one KSR call, without _guarded's timing.
+    def ksr_stray_reply(self, msg: object, evname: str = "") -> int:
+        # tm's on_sl_reply: a reply no transaction knows. The core would forward it statelessly by
+        # its Via, past rtpengine and topology hiding; nothing the SBC sent is waiting for it.
         try:
-            if not adapter.reply_has_transaction():
-                adapter.drop_reply()
+            adapter.drop_reply()
         except Exception as exc:
             metrics.HANDLER_EXCEPTIONS.labels("stray reply").inc()
             KSR.err(f"kemi-o365: internal error in stray reply handler: {exc!r}\n")

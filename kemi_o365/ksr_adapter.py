@@ -568,11 +568,6 @@ def _tls_target(fqdn: str) -> None:
     KSR.pv.sets(TLS_SNI_XAVP, fqdn)
 
 
-def reply_has_transaction() -> bool:
-    """In the core reply route: whether this reply answers a request the SBC relayed or sent."""
-    return KSR.tm.t_check_trans() > 0
-
-
 def drop_reply() -> None:
     """Not forwarded statelessly (the core's default for a reply no transaction knows)."""
     KSR.set_drop()

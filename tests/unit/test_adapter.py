@@ -904,8 +904,7 @@ def test_child_init_returns_an_int(handler: kemi.Kamailio) -> None:
 
 
 def test_core_callbacks_exist() -> None:
-    for name in ("ksr_request_route", "ksr_reply_route"):
-        assert callable(getattr(kemi.Kamailio, name, None)), name
+    assert callable(getattr(kemi.Kamailio, "ksr_request_route", None))
 
 
 # --- callback names used by the adapter (KAMAILIO-NOTES P1) ---------------------------------------------
@@ -1094,11 +1093,18 @@ def test_options_requiring_an_extension_gets_420_with_unsupported(
     ]
 
 
-@pytest.mark.parametrize(("known", "dropped"), [(1, False), (-1, True)])
-def test_replies_no_transaction_knows_are_dropped(
-    ksr: KsrDouble, handler: kemi.Kamailio, known: int, dropped: bool
-) -> None:
+def test_replies_no_transaction_knows_are_dropped(ksr: KsrDouble, handler: kemi.Kamailio) -> None:
+    # tm calls on_sl_reply only for such replies: each is dropped, never forwarded by its Via.
     script_reply(ksr, 200, "INVITE", side="microsoft", sdp=MS_SDP)
-    ksr.returns["tm.t_check_trans"] = known
-    assert handler.ksr_reply_route(None) == 1
-    assert ("set_drop" in ksr.names()) is dropped
+    assert handler.ksr_stray_reply(None, "on_sl_reply") == 1
+    assert ksr.names() == ["set_drop"]
+
+
+def test_replies_reach_python_through_tm_only() -> None:
+    """No core reply route (it would run Python for every reply); tm's on_sl_reply names the
+    handler's method for replies no transaction knows."""
+    cfg = _cfg()
+    assert re.search(r'^\s*kemi\.reply_route_callback\s*=\s*"none"', cfg, re.MULTILINE)
+    match = re.search(r'^\s*modparam\("tm",\s*"on_sl_reply",\s*"([^"]+)"\)', cfg, re.MULTILINE)
+    assert match, "tm's on_sl_reply is not set: stray replies would be forwarded by their Via"
+    assert callable(getattr(kemi.Kamailio, match.group(1), None)), match.group(1)
