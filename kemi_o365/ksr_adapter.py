@@ -171,7 +171,6 @@ def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
             _true(KSR.seturi(target), "seturi")
     # loose_route consumes our own Route headers; only in-dialog requests may carry them here.
     routed = to_tag and KSR.rr.loose_route() > 0
-    masked_dialog = routed and side is Side.CUCM and KSR.rr.check_route_param(MASKED_DIALOG_PARAM) > 0
     method = Method.parse(KSR.pv.gete("$rm"))
     # CUCM's headers are read for topology hiding, i.e. for what may be relayed toward Microsoft: an
     # OPTIONS outside a dialog is answered here (keep-alive pings, the most frequent request).
@@ -203,7 +202,9 @@ def read_request(policy: Policy, source_ip: str, side: Side) -> Request:
         tls_peer_names=names,
         call_id=KSR.pv.gete("$ci"),
         headers=headers,
-        masked_dialog=masked_dialog,
+        # From the Route CUCM sent (ours, as loose_route just found): rr's check_route_param would
+        # compile its regex on every call.
+        masked_dialog=routed and side is Side.CUCM and topology.route_has_param(headers, MASKED_DIALOG_PARAM),
         malformed=body_problem or _malformed(raw_mf, sdp),
         require=KSR.hdr.gete("Require").strip() if method is Method.OPTIONS else "",
     )

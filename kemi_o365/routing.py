@@ -352,6 +352,8 @@ def _in_dialog(req: Request, policy: Policy) -> Decision:
             mask_replies=True,
         )
     edits, stash = _hide_request(req, policy, mask_call_id=req.masked_dialog)
+    if req.method is Method.ACK:
+        stash = ""  # no reply comes back to an ACK: CUCM's Via needs no keeping
     known = next((p for p in policy.microsoft.proxies if p.fqdn == req.ruri_host.lower()), None)
     pinned = known if known is not None and known.address else None
     return RelayInDialog(

@@ -8,6 +8,7 @@ call record keeps. Offers and answers go through Kamailio's rtpengine module.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -109,7 +110,7 @@ class Pending:
 def send_json(host: str, port: int, message: dict[str, str | int], timeout: float = 1.0) -> Pending:
     """Send a JSON command on the kept socket without waiting; `Pending.reply()` waits until `timeout`
     after the send at most."""
-    cookie = os.urandom(6).hex().encode()
+    cookie = b"%s%x" % (_Kept.prefix, next(_Kept.cookies))
     _kept_socket().sendto(cookie + b" " + json.dumps(message).encode(), (host, port))
     return Pending(host, port, str(message.get("command")), cookie, time.monotonic() + timeout)
 
@@ -155,15 +156,27 @@ def _receive(sock: socket.socket, cookie: bytes, deadline: float, where: str, co
 
 
 class _Kept:
-    pid = 0
     sock: socket.socket | None = None
+    # rtpengine answers a cookie it has seen with its cached reply, whoever sends it: every
+    # process needs its own sequence (pid and a random start), not a getrandom call per command.
+    prefix = b""
+    cookies = itertools.count()
+
+
+def _new_process() -> None:
+    # A socket inherited across fork() would be shared by every Kamailio worker.
+    _Kept.sock = None
+    _Kept.prefix = b"%x-%s-" % (os.getpid(), os.urandom(3).hex().encode())
+    _Kept.cookies = itertools.count()
+
+
+_new_process()
+os.register_at_fork(after_in_child=_new_process)
 
 
 def _kept_socket() -> socket.socket:
-    # Per process: a socket inherited across fork() would be shared by every Kamailio worker.
-    if _Kept.sock is None or _Kept.pid != os.getpid():
+    if _Kept.sock is None:
         _Kept.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        _Kept.pid = os.getpid()
     return _Kept.sock
 
 

@@ -299,6 +299,15 @@ def split_entries(value: str) -> list[str]:
     return [e for e in out if e]
 
 
+def route_has_param(headers: Sequence[Header], name: str) -> bool:
+    """Whether the first Route entry (the one a proxy consumes) carries URI parameter `name`."""
+    routes = values(headers, "route")
+    if not routes:
+        return False
+    uri = routes[0].split(">", 1)[0]
+    return any(p.split("=", 1)[0].strip().lower() == name for p in uri.split(";")[1:])
+
+
 def internal_hosts(policy: Policy) -> frozenset[str]:
     internal = policy.sbc.internal
     return frozenset(h.lower() for h in (internal.address, internal.name) if h)

@@ -391,7 +391,7 @@ CASES = [
             "sip:127.0.0.3:5061;transport=tls",
             (SBC_FQDN, 5061),
             edits=HIDE_REQUEST,
-            stash=STASH,
+            stash="",  # nothing answers an ACK: CUCM's Via is not kept
             tls_server_id=MS_FQDN,
         ),
     ),

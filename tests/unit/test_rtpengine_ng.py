@@ -4,6 +4,7 @@ cookie check (a late answer on a kept socket is not taken for the current one), 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -116,3 +117,33 @@ def test_sent_command_is_answered_later(fake_rtpengine: tuple[socket.socket, lis
         if kept is not None:
             kept.close()
         rtpengine_ng._Kept.sock = None
+
+
+def test_forked_workers_never_send_the_same_cookie(fake_rtpengine: tuple[socket.socket, list[bytes]]) -> None:
+    """rtpengine answers a cookie it has already seen with that earlier reply, from whichever process:
+    two Kamailio workers with one cookie sequence would get each other's deletes answered (and one
+    session never deleted). Each forked process must start its own."""
+    sock, _ = fake_rtpengine
+    host, port = sock.getsockname()
+
+    def send_two() -> None:
+        for n in range(2):
+            rtpengine_ng.send_json(host, port, {"command": "delete", "call-id": f"c{n}"})
+
+    try:
+        send_two()  # this process's cookies, before the fork
+        child = os.fork()
+        if child == 0:  # the worker: sends and leaves at once, without pytest's teardown
+            try:
+                send_two()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        send_two()
+        cookies = [sock.recvfrom(65535)[0].partition(b" ")[0] for _ in range(6)]
+    finally:
+        kept = rtpengine_ng._Kept.sock
+        if kept is not None:
+            kept.close()
+        rtpengine_ng._Kept.sock = None
+    assert len(set(cookies)) == 6, cookies

@@ -305,3 +305,19 @@ def test_header_block_reads_the_same_with_and_without_folded_lines() -> None:
     )
     folded = topology.parse_headers(block + "Call-Info: <sip:x>;\r\n  purpose=icon\r\n")
     assert folded == (*plain, ("Call-Info", "<sip:x>; purpose=icon"))
+
+
+@pytest.mark.parametrize(
+    ("route", "masked"),
+    [
+        ("<sip:127.0.0.1:5060;transport=tcp;r2=on;lr;ftag=1;mcid>,<sip:sbc.example.com;lr;mcid>", True),
+        ("<sip:127.0.0.1:5060;lr;MCID=1>", True),
+        ("<sip:127.0.0.1:5060;lr;ftag=1>", False),  # a dialog Microsoft started
+        ("<sip:127.0.0.1:5060;lr;mcidx>", False),
+        ("<sip:127.0.0.1:5060;lr>,<sip:sbc.example.com;lr;mcid>", False),  # only the first entry counts
+        (None, False),
+    ],
+)
+def test_route_marks_a_masked_dialog(route: str | None, masked: bool) -> None:
+    block = "BYE sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.4\r\n" + (f"Route: {route}\r\n" if route else "")
+    assert topology.route_has_param(topology.parse_headers(block), "mcid") is masked
