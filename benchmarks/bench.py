@@ -1189,7 +1189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-FULL_RATES = (50, 100, 200, 300, 400, 500, 600, 800, 1000)
+FULL_RATES = (50, 100, 200, 300, 400, 500, 600, 700, 800, 1000)
 FULL_MEDIA = (100, 200, 400, 600, 800, 1000, 1200, 1600, 2000)
 
 

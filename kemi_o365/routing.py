@@ -425,6 +425,8 @@ def _with_call_id(media: Media | None, call_id: str | None) -> Media | None:
     message carries the masked one."""
     if media is None or call_id is None:
         return media
+    if "call-id=" not in media.flags:
+        return Media(media.action, f"{media.flags} call-id={call_id}", media.sdp, media.report)
     flags = " ".join(
         [*(f for f in media.flags.split() if not f.startswith("call-id=")), f"call-id={call_id}"]
     )
