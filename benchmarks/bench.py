@@ -67,6 +67,9 @@ NATIVE_CFG = REPO / "benchmarks" / "native" / "kamailio.cfg"
 RESULTS = REPO / "benchmarks" / "results"
 SCENARIO = REPO / "sipp-scenarios" / "seed-call" / "uac.xml"
 CONTENDERS: dict[str, Path | None] = {"kemi": None, "native": NATIVE_CFG}
+# Not a contender: the least any Python KEMI handler does per OPTIONS, measured beside them.
+FLOOR_DIR = REPO / "benchmarks" / "floor"
+LABS: dict[str, Path | None] = {**CONTENDERS, "floor": FLOOR_DIR / "kamailio.cfg"}
 MAX_FAILED_PCT = 0.1
 MIN_RATE_SHARE = 0.95
 TAIL_S = 0.5  # SIPp's start-up and the last BYE's round trip, taken out of a step's elapsed time
@@ -153,9 +156,10 @@ def lab(name: str, root: Path, media_ports: tuple[int, int], children: int) -> I
     data = lab_policy_on_fresh_ports(media_ports)
     data["kamailio"]["children"] = children
     policy = prepare_lab(root, yaml.safe_dump(data, sort_keys=False))
+    os.environ["KEMI_O365_FLOOR_SCRIPT"] = str(FLOOR_DIR / "floor.py")  # read by the floor's cfg only
     with (
         microsoft_peer(policy, root / "pki") as peer,
-        Stack(policy, RunDir(root / "run"), kamailio_cfg=CONTENDERS[name]) as stack,
+        Stack(policy, RunDir(root / "run"), kamailio_cfg=LABS[name]) as stack,
     ):
         yield Lab(name, policy, peer, stack, root)
 
@@ -806,7 +810,7 @@ def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
         log(f"latency {name}: {latencies[name].summary()}")
     options: list[OptionsRun] = []
     for r in range(cfg.options_rounds):
-        for name in order(r):
+        for name in [*order(r), "floor"]:
             with lab(name, work / f"options-{name}-{r}", media_ports, cfg.children) as lb:
                 run = options_run(lb, cfg.options_seconds, cfg.options_window)
             options.append(run)
@@ -892,6 +896,11 @@ def summarise(
         for n in CONTENDERS
     }
 
+    floor_runs = [
+        o.kamailio_cpu_s / o.answered * 1e6 for o in options if o.contender == "floor" and o.answered
+    ]
+    floor_cpu = statistics.median(floor_runs) if floor_runs else None
+
     def us(n: str) -> float | None:
         s = at[n]
         v = s.kamailio_us_per_call if s else None
@@ -932,6 +941,7 @@ def summarise(
         "options_max_rps_native": opt_best["native"],
         "kemi_cpu_us_per_options": round(opt_cpu["kemi"], 2) if opt_cpu["kemi"] is not None else None,
         "native_cpu_us_per_options": round(opt_cpu["native"], 2) if opt_cpu["native"] is not None else None,
+        "floor_cpu_us_per_options": round(floor_cpu, 2) if floor_cpu is not None else None,
         "media_max_calls": media.get("media_max_calls"),
         "media_loss_pct": media.get("media_loss_pct"),
         "media_rtpengine_cpu_pct_of_core": media.get("media_rtpengine_cpu_pct_of_core"),
@@ -942,6 +952,7 @@ def summarise(
         "ratios": {
             "cpu_per_call_kemi_over_native": _ratio(us("kemi"), us("native")),
             "cpu_per_options_kemi_over_native": _ratio(opt_cpu["kemi"], opt_cpu["native"]),
+            "cpu_per_options_floor_over_native": _ratio(floor_cpu, opt_cpu["native"]),
             "max_cps_kemi_over_native": _ratio(one["kemi"], one["native"]),
             "max_cps_several_connections_kemi_over_native": _ratio(
                 max_cps[several]["kemi"], max_cps[several]["native"]
@@ -1016,6 +1027,16 @@ def limits_notes(
                 f"driver share its {os.cpu_count()} cores; driver {o.driver_cpu_s:.1f} s CPU in "
                 f"{o.seconds:g} s): {o.answered_per_s:.0f}/s is what this machine does with both on it"
             )
+    floor = [o.kamailio_cpu_s / o.answered * 1e6 for o in options if o.contender == "floor" and o.answered]
+    native = [o.kamailio_cpu_s / o.answered * 1e6 for o in options if o.contender == "native" and o.answered]
+    if floor and native:
+        ratio = statistics.median(floor) / statistics.median(native)
+        notes.append(
+            f"OPTIONS: a Python KEMI handler that does nothing but answer (benchmarks/floor) costs "
+            f"{ratio:.1f}x native's Kamailio CPU per OPTIONS: entering app_python3 for a message, and "
+            "sl parsing its own reply back for KEMI's sl:local-response event, cost more than native's "
+            "whole OPTIONS path, so no Python KEMI script reaches a ratio below this on this Kamailio"
+        )
     return notes
 
 
@@ -1099,6 +1120,9 @@ def report(result: dict[str, Any], images: list[str]) -> str:
         f"{_fmt(result['options_max_rps_native'])} | {_fmt(r['options_rps_kemi_over_native'])} |",
         f"| Kamailio CPU per OPTIONS (us) | {_fmt(result['kemi_cpu_us_per_options'])} | "
         f"{_fmt(result['native_cpu_us_per_options'])} | {_fmt(r['cpu_per_options_kemi_over_native'])} |",
+        f"| same, a KEMI handler doing nothing but answer (benchmarks/floor: one KSR test, the reply) | "
+        f"{_fmt(result.get('floor_cpu_us_per_options'))} | | "
+        f"{_fmt(r.get('cpu_per_options_floor_over_native'))} |",
         f"| Kamailio shared memory per call in progress (bytes) | "
         f"{_fmt(result['kamailio_shm_bytes_per_call'].get('kemi'))} | "
         f"{_fmt(result['kamailio_shm_bytes_per_call'].get('native'))} | |",
