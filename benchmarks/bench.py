@@ -67,9 +67,10 @@ NATIVE_CFG = REPO / "benchmarks" / "native" / "kamailio.cfg"
 RESULTS = REPO / "benchmarks" / "results"
 SCENARIO = REPO / "sipp-scenarios" / "seed-call" / "uac.xml"
 CONTENDERS: dict[str, Path | None] = {"kemi": None, "native": NATIVE_CFG}
-# Not a contender: the least any Python KEMI handler does per OPTIONS, measured beside them.
-FLOOR_DIR = REPO / "benchmarks" / "floor"
-LABS: dict[str, Path | None] = {**CONTENDERS, "floor": FLOOR_DIR / "kamailio.cfg"}
+# Not a contender: the native cfg's routing as a Python KEMI script (benchmarks/floor/floor.py), the
+# cost of app_python3 itself; its cfg is the native one, told by the environment to load the script.
+FLOOR_SCRIPT = REPO / "benchmarks" / "floor" / "floor.py"
+LABS: dict[str, Path | None] = {**CONTENDERS, "floor": NATIVE_CFG}
 MAX_FAILED_PCT = 0.1
 MIN_RATE_SHARE = 0.95
 TAIL_S = 0.5  # SIPp's start-up and the last BYE's round trip, taken out of a step's elapsed time
@@ -156,7 +157,10 @@ def lab(name: str, root: Path, media_ports: tuple[int, int], children: int) -> I
     data = lab_policy_on_fresh_ports(media_ports)
     data["kamailio"]["children"] = children
     policy = prepare_lab(root, yaml.safe_dump(data, sort_keys=False))
-    os.environ["KEMI_O365_FLOOR_SCRIPT"] = str(FLOOR_DIR / "floor.py")  # read by the floor's cfg only
+    if name == "floor":
+        os.environ["KEMI_O365_FLOOR_SCRIPT"] = str(FLOOR_SCRIPT)
+    else:
+        os.environ.pop("KEMI_O365_FLOOR_SCRIPT", None)
     with (
         microsoft_peer(policy, root / "pki") as peer,
         Stack(policy, RunDir(root / "run"), kamailio_cfg=LABS[name]) as stack,
@@ -799,6 +803,15 @@ def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
         }
     one = max_cps[cfg.connections[0]]
     common = min(one.values())
+    # The floor carries the same calls at the rate where the contenders' CPU per call is compared.
+    with lab("floor", work / "calls-floor", media_ports, cfg.children) as lb:
+        warm_up(lb)
+        floor_rate = common or cfg.rates[0]
+        floor_step = call_step(lb, floor_rate, cfg.step_seconds, cfg.hold_ms, lb.root / "sipp-load")
+    log(
+        f"calls floor  1 conn {floor_step.rate:6g}/s: {floor_step.successful}/{floor_step.created} ok, "
+        f"Kamailio {floor_step.kamailio_us_per_call or 0:.0f} us/call"
+    )
     latency_rate = min(cfg.latency_rate, common) if common else cfg.rates[0]
     latencies: dict[str, Latency] = {}
     for name in order(len(cfg.rates)):
@@ -853,6 +866,7 @@ def run_bench(cfg: Config, work: Path, log: Any) -> dict[str, Any]:
         memory=memory,
         profile=profile,
         media=media,
+        floor_step=floor_step,
     )
 
 
@@ -877,6 +891,7 @@ def summarise(
     memory: dict[str, MemoryRun],
     profile: dict[str, Any],
     media: dict[str, Any],
+    floor_step: CallStep | None = None,
 ) -> dict[str, Any]:
     single, several = cfg.connections[0], cfg.connections[-1]
     one = max_cps[single]
@@ -900,6 +915,9 @@ def summarise(
         o.kamailio_cpu_s / o.answered * 1e6 for o in options if o.contender == "floor" and o.answered
     ]
     floor_cpu = statistics.median(floor_runs) if floor_runs else None
+
+    floor_raw = floor_step.kamailio_us_per_call if floor_step is not None and floor_step.sustained else None
+    floor_us = round(floor_raw, 1) if floor_raw is not None else None
 
     def us(n: str) -> float | None:
         s = at[n]
@@ -930,6 +948,7 @@ def summarise(
         "cpu_rate_cps": cpu_rate,
         "kemi_cpu_us_per_call": us("kemi"),
         "native_cpu_us_per_call": us("native"),
+        "floor_cpu_us_per_call": floor_us,
         "kemi_rtpengine_cpu_us_per_call": rtp_us("kemi"),
         "native_rtpengine_cpu_us_per_call": rtp_us("native"),
         "latency_rate_cps": latency_rate,
@@ -951,6 +970,7 @@ def summarise(
         "rtpengine_rss_bytes_per_call": {n: m.rtpengine_rss_per_call_bytes for n, m in memory.items()},
         "ratios": {
             "cpu_per_call_kemi_over_native": _ratio(us("kemi"), us("native")),
+            "cpu_per_call_floor_over_native": _ratio(floor_us, us("native")),
             "cpu_per_options_kemi_over_native": _ratio(opt_cpu["kemi"], opt_cpu["native"]),
             "cpu_per_options_floor_over_native": _ratio(floor_cpu, opt_cpu["native"]),
             "max_cps_kemi_over_native": _ratio(one["kemi"], one["native"]),
@@ -965,6 +985,7 @@ def summarise(
         "memory": {n: asdict(m) for n, m in memory.items()},
         "media": media,
         "steps": [s.to_json() for s in steps],
+        "floor_step": floor_step.to_json() if floor_step is not None else None,
         "latency": lat,
         "latency_samples_ms": {n: sorted(latencies[n].sbc_added_ms) for n in latencies},
         "options": [o.to_json() for o in options],
@@ -1109,6 +1130,8 @@ def report(result: dict[str, Any], images: list[str]) -> str:
         f"| Kamailio CPU per call at {_fmt(result['cpu_rate_cps'])}/s (us) | "
         f"{_fmt(result['kemi_cpu_us_per_call'])} | {_fmt(result['native_cpu_us_per_call'])} | "
         f"{_fmt(r['cpu_per_call_kemi_over_native'])} |",
+        f"| same, native's routing as a minimal Python KEMI script (benchmarks/floor/floor.py) | "
+        f"{_fmt(result.get('floor_cpu_us_per_call'))} | | {_fmt(r.get('cpu_per_call_floor_over_native'))} |",
         f"| rtpengine CPU per call at {_fmt(result['cpu_rate_cps'])}/s (us) | "
         f"{_fmt(result['kemi_rtpengine_cpu_us_per_call'])} | "
         f"{_fmt(result['native_rtpengine_cpu_us_per_call'])} | |",

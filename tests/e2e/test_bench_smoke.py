@@ -66,7 +66,8 @@ def test_bench_smoke_writes_results_for_both_contenders(tmp_path: Path) -> None:
         assert result["kamailio_shm_bytes_per_call"][name] > 0, result["memory"]
     assert {s["connections"] for s in result["steps"]} == {1, result["cucm_connections"]}
     assert result["cucm_connections"] > 1
-    # The floor (a KEMI handler that only answers) was measured beside the contenders' OPTIONS.
+    # The floor (native's routing as a minimal Python script) carried calls and answered OPTIONS.
+    assert result["floor_step"]["successful"] > 0, result["floor_step"]
     assert result["floor_cpu_us_per_options"] > 0, result["options"]
     assert result["ratios"]["cpu_per_options_floor_over_native"] > 0, result["options"]
     # rtpengine relayed RTP <-> SRTP both ways for the media figure.
