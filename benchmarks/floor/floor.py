@@ -1,5 +1,5 @@
 """The floor of the KEMI path, for `make bench`: benchmarks/native/kamailio.cfg's routing, line for line,
-as a Python KEMI script (loaded when KEMI_O365_FLOOR_SCRIPT names this file; see the end of that cfg).
+as a Python KEMI script (benchmarks/floor/kamailio.cfg loads it; KEMI_O365_FLOOR_SCRIPT names it).
 
 Same modules, parameters, listeners and processes as the native yardstick; only the language of the
 routing differs. What it costs over native is what app_python3 itself costs for that logic: entering
@@ -150,10 +150,15 @@ class Floor:
         KSR.rtpengine.rtpengine_delete0()
         return 1
 
+    def ksr_tm_event(self, msg: object, evname: str) -> int:
+        # The dispatcher's OPTIONS pings: the proxy's FQDN as SNI, the SBC's FQDN as Contact.
+        if evname == "tm:local-request" and KSR.pv.gete("$rm") == "OPTIONS":
+            host = KSR.pv.gete("$rd")
+            KSR.pv.sets("$xavp(tls=>server_name)", host)
+            KSR.pv.sets("$xavp(tls[0]=>server_id)", host)
+            KSR.hdr.append(f"Contact: <sip:{D('SBC_FQDN')}:{D('MS_PORT')};transport=tls>\r\n")
+        return 1
+
 
 def mod_init() -> Floor:
-    # tm keeps KEMI callback names in an index; name them here, before Kamailio forks, so the process
-    # that reads Microsoft's reply knows the index the process that relayed the INVITE stored.
-    KSR.tm.t_on_reply("ksr_from_microsoft")
-    KSR.tm.t_on_failure("ksr_microsoft_failed")
     return Floor()
